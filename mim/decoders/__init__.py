@@ -1,0 +1,5 @@
+"""Decoders that turn encoder tokens (plus mask tokens) back into pixels or targets."""
+
+from mim.decoders.mae import MAEDecoder
+
+__all__ = ["MAEDecoder"]

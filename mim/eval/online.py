@@ -1,0 +1,245 @@
+"""Online evaluation while pretraining: a linear probe and a weighted kNN, as Lightning callbacks.
+
+Both read frozen features of the *unmasked* images from ``pl_module.encoder`` (eval mode, no
+gradients, see :func:`mim.eval.features.pooled_features`), so they never change the encoder. They
+work with any method that exposes ``.encoder`` (a timm model) and batches ``(imgs, labels, ...)``;
+labels ``< 0`` (unlabelled images) are ignored.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from mim.eval.features import Pool, pooled_features
+from mim.eval.knn import weighted_knn_scores
+
+
+def _num_classes(num_classes: int | None, trainer: L.Trainer, who: str) -> int:
+    if num_classes is None:
+        num_classes = getattr(trainer.datamodule, "num_classes", None)
+    if num_classes is None:
+        raise ValueError(f"{who} needs num_classes: set it in the callback's init_args.")
+    return int(num_classes)
+
+
+class _LastFeatures:
+    """The features of the last batch, so the probe and the kNN callbacks share one encoder pass.
+
+    A hit needs the very same ``imgs`` tensor (unchanged), the same encoder with unchanged
+    parameters (``_version`` moves with every in-place optimiser update) and the same pooling.
+    """
+
+    key: tuple | None = None
+    imgs: weakref.ref | None = None
+    features: torch.Tensor | None = None
+
+    @classmethod
+    def get(cls, trainer: L.Trainer, encoder: nn.Module, imgs: torch.Tensor, pool: Pool) -> torch.Tensor:
+        param = next(encoder.parameters())
+        key = (id(encoder), param._version, id(imgs), imgs._version, pool)
+        if key != cls.key or cls.imgs is None or cls.imgs() is not imgs:
+            # The trainer's precision context, so bf16-mixed runs this forward in bf16 too.
+            with trainer.precision_plugin.forward_context():
+                cls.features = pooled_features(encoder, imgs, pool)
+            cls.key, cls.imgs = key, weakref.ref(imgs)
+        return cls.features
+
+
+def _features(trainer: L.Trainer, pl_module: L.LightningModule, imgs: torch.Tensor, pool: Pool) -> torch.Tensor:
+    return _LastFeatures.get(trainer, pl_module.encoder, imgs, pool)
+
+
+class OnlineLinearProbe(L.Callback):
+    """Train a linear classifier on detached encoder features during pretraining.
+
+    Head: ``BatchNorm1d(affine=False)`` + ``Linear``, as the MAE linear-probing protocol
+    (He et al. 2021, arXiv 2111.06377, Appendix A.2: BatchNorm without affine before the linear
+    classifier). It has its own AdamW optimiser and is trained on every training batch; it is
+    evaluated on the validation set.
+
+    Args:
+        num_classes: classes; default ``trainer.datamodule.num_classes``.
+        pool: ``"cls"`` token or ``"mean"`` of patch tokens (ConvNets: global average pooling).
+        lr: AdamW learning rate of the head.
+        weight_decay: AdamW weight decay of the head.
+
+    Logs ``probe/train_loss``, ``probe/train_top1`` (per step) and ``probe/val_top1`` (per
+    validation epoch), top-1 accuracy in [0, 1]. The head and its optimiser are saved in the
+    checkpoint, so a resumed run continues the same probe.
+    """
+
+    def __init__(
+        self, num_classes: int | None = None, pool: Pool = "cls", lr: float = 1e-3, weight_decay: float = 0.0
+    ) -> None:
+        self.num_classes, self.pool, self.lr, self.weight_decay = num_classes, pool, lr, weight_decay
+        self.head: nn.Module | None = None
+        self._pending_state: dict[str, Any] | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.head is not None:
+            return
+        num_classes = _num_classes(self.num_classes, trainer, type(self).__name__)
+        dim = pl_module.encoder.num_features
+        self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, num_classes))
+        nn.init.trunc_normal_(self.head[1].weight, std=0.01)  # MAE's probe init
+        nn.init.zeros_(self.head[1].bias)
+        self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        self.val_top1 = MulticlassAccuracy(num_classes, average="micro", ignore_index=-1)
+
+    def _to_device(self, pl_module: L.LightningModule) -> None:
+        self.head.to(pl_module.device)
+        self.val_top1.to(pl_module.device)
+        if self._pending_state is not None:  # optimiser state follows the head onto its device
+            self.head.load_state_dict(self._pending_state["head"])
+            self.optimizer.load_state_dict(self._pending_state["optimizer"])
+            self._pending_state = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._to_device(pl_module)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._to_device(pl_module)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        imgs, labels = batch[0], batch[1]
+        if not bool((labels >= 0).any()):
+            return
+        features = _features(trainer, pl_module, imgs, self.pool)
+        self.head.train()
+        with torch.enable_grad():
+            logits = self.head(features)
+            loss = F.cross_entropy(logits, labels, ignore_index=-1)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if trainer.world_size > 1:  # keep the heads of all ranks identical
+            for p in self.head.parameters():
+                p.grad = trainer.strategy.reduce(p.grad, reduce_op="mean")
+        self.optimizer.step()
+        valid = labels >= 0
+        top1 = (logits.argmax(-1)[valid] == labels[valid]).float().mean()
+        pl_module.log("probe/train_loss", loss.detach(), batch_size=imgs.shape[0])
+        pl_module.log("probe/train_top1", top1, batch_size=imgs.shape[0])
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        imgs, labels = batch[0], batch[1]
+        self.head.eval()
+        with torch.no_grad():
+            logits = self.head(_features(trainer, pl_module, imgs, self.pool))
+        self.val_top1.update(logits, labels)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.val_top1.update_count:
+            pl_module.log("probe/val_top1", self.val_top1.compute(), prog_bar=True)
+        self.val_top1.reset()
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.head is None:
+            return {}
+        return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict:
+            self._pending_state = state_dict
+
+
+class OnlineKNN(L.Callback):
+    """Weighted kNN top-1 on the validation set, with a bank of this epoch's training features.
+
+    The bank holds the pooled features of the training batches seen since the epoch started (as
+    solo-learn's online kNN does, so no extra pass over the training set is needed; the bank images
+    are augmented); at the end of each validation epoch every validation image is classified by
+    :func:`mim.eval.knn.weighted_knn_scores` (cosine, ``k`` = 20, ``T`` = 0.07). Under DDP the banks
+    of all ranks are gathered.
+
+    Args:
+        k: neighbours.
+        temperature: ``T`` of the vote weights.
+        pool: feature pooling, as :class:`OnlineLinearProbe`.
+        max_bank_size: most training features kept per rank (first ones of the epoch).
+        num_classes: classes; default ``trainer.datamodule.num_classes``.
+
+    Logs ``knn/val_top1`` in [0, 1] (nothing before the first training epoch).
+    """
+
+    def __init__(
+        self,
+        k: int = 20,
+        temperature: float = 0.07,
+        pool: Pool = "cls",
+        max_bank_size: int = 50_000,
+        num_classes: int | None = None,
+    ) -> None:
+        self.k, self.temperature, self.pool = k, temperature, pool
+        self.max_bank_size, self.num_classes = max_bank_size, num_classes
+        self._reset()
+
+    def _reset(self) -> None:
+        self.bank: list[torch.Tensor] = []
+        self.bank_labels: list[torch.Tensor] = []
+        self.queries: list[torch.Tensor] = []
+        self.query_labels: list[torch.Tensor] = []
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.num_classes = _num_classes(self.num_classes, trainer, type(self).__name__)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._reset()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if sum(len(b) for b in self.bank) >= self.max_bank_size:
+            return
+        imgs, labels = batch[0], batch[1]
+        self.bank.append(_features(trainer, pl_module, imgs, self.pool))
+        self.bank_labels.append(labels)
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self.bank:
+            imgs, labels = batch[0], batch[1]
+            self.queries.append(_features(trainer, pl_module, imgs, self.pool))
+            self.query_labels.append(labels)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.bank or not self.queries:
+            return
+        bank, bank_labels = torch.cat(self.bank), torch.cat(self.bank_labels)
+        if trainer.world_size > 1:
+            bank = trainer.strategy.all_gather(bank).flatten(0, 1)
+            bank_labels = trainer.strategy.all_gather(bank_labels).flatten(0, 1)
+        keep = bank_labels >= 0
+        queries, query_labels = torch.cat(self.queries), torch.cat(self.query_labels)
+        self.queries, self.query_labels = [], []
+        if not bool(keep.any()):
+            return
+        scores = weighted_knn_scores(
+            bank[keep], bank_labels[keep], queries, self.num_classes, self.k, self.temperature
+        )
+        top1 = MulticlassAccuracy(self.num_classes, average="micro", ignore_index=-1).to(scores.device)
+        top1.update(scores, query_labels)
+        pl_module.log("knn/val_top1", top1.compute(), prog_bar=True)

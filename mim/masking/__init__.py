@@ -1,0 +1,10 @@
+"""Mask generators: callables ``(batch_size, grid_hw, generator) -> BoolTensor (B, h*w)``.
+
+``True`` marks a masked patch. Every generator masks exactly ``round(mask_ratio * h * w)`` patches
+per sample unless its docstring says otherwise, so any mask works with any ViT method.
+"""
+
+from mim.masking.base import MaskGenerator, num_masked, validate_mask_ratio
+from mim.masking.random import RandomMask
+
+__all__ = ["MaskGenerator", "RandomMask", "num_masked", "validate_mask_ratio"]

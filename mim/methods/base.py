@@ -1,0 +1,117 @@
+"""What every pretraining method shares: AdamW parameter groups, the warmup + cosine schedule,
+the MAE learning-rate scaling rule, a finite-loss check and the description of the encoder to export.
+
+Nothing else lives here: each method writes its own forward and loss in its own module.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from timm.optim import param_groups_weight_decay
+
+from mim.errors import ConfigError
+
+#: Parameters that never get weight decay, besides biases and 1-D (norm) parameters
+#: (MAE's ``optim_factory.param_groups_weight_decay`` with the model's ``no_weight_decay()``).
+NO_WEIGHT_DECAY = ("*pos_embed", "*cls_token", "*reg_token", "*dist_token", "*mask_token")
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
+    """Learning-rate multiplier at ``step``: linear warmup, then half-cycle cosine to ``min_ratio``.
+
+    MAE (He et al. 2021, arXiv 2111.06377, Appendix A.1: "cosine decay", "warmup epochs 40"),
+    applied per step as in the official ``util/lr_sched.py``.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = min(progress, 1.0)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class PretrainModule(L.LightningModule):
+    """Base LightningModule of the pretraining methods (optimiser, schedule, export description).
+
+    Args:
+        blr: base learning rate; the used rate is ``lr = blr * effective_batch / 256`` (MAE Appendix
+            A.1, "linear lr scaling rule"), ``effective_batch = batch_size * accumulate * world_size``.
+        lr: absolute learning rate; overrides ``blr`` when given.
+        weight_decay: AdamW weight decay (MAE: 0.05), not applied to biases, norms, position
+            embeddings and tokens.
+        betas: AdamW betas (MAE: (0.9, 0.95)).
+        warmup_epochs: linear warmup length in epochs (fractions allowed), converted to steps.
+        min_lr: final learning rate of the cosine decay.
+
+    Subclasses set ``self.encoder`` (a plain timm model) and ``self.encoder_config``
+    (``{"model_name": str, "model_kwargs": dict}``) so the encoder can be exported and re-created.
+    """
+
+    encoder: torch.nn.Module
+    encoder_config: dict[str, Any]
+
+    def __init__(
+        self,
+        blr: float = 1.5e-4,
+        lr: float | None = None,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_epochs: float = 40.0,
+        min_lr: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if (lr is None and blr < 0) or (lr is not None and lr < 0):
+            raise ConfigError(f"learning rate must be >= 0, got blr={blr}, lr={lr}.")
+        if warmup_epochs < 0:
+            raise ConfigError(f"warmup_epochs must be >= 0, got {warmup_epochs}.")
+        self.blr, self.lr, self.weight_decay = blr, lr, weight_decay
+        self.betas, self.warmup_epochs, self.min_lr = tuple(betas), warmup_epochs, min_lr
+
+    def setup(self, stage: str) -> None:
+        """Refuse a datamodule whose ``img_size`` differs from the encoder's, before training starts."""
+        data_size = getattr(self.trainer.datamodule, "img_size", None) if self._trainer else None
+        model_size = self.encoder_config.get("model_kwargs", {}).get("img_size")
+        if data_size is not None and model_size is not None and data_size != model_size:
+            raise ConfigError(
+                f"the data gives {data_size} px images but the encoder was built for {model_size} px. "
+                f"Fix: set --model.img_size {data_size} (or --data.img_size {model_size})."
+            )
+
+    def effective_batch_size(self) -> int:
+        """``batch_size * accumulate_grad_batches * world_size`` of the running trainer."""
+        trainer = self.trainer
+        batch_size = getattr(trainer.datamodule, "batch_size", None)
+        if batch_size is None:
+            raise ConfigError(
+                "cannot scale blr by the batch size: the datamodule has no `batch_size`. "
+                "Fix: give the learning rate directly with --model.lr."
+            )
+        return batch_size * trainer.accumulate_grad_batches * trainer.world_size
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        lr = self.lr if self.lr is not None else self.blr * self.effective_batch_size() / 256
+        groups = param_groups_weight_decay(self, self.weight_decay, no_weight_decay_list=NO_WEIGHT_DECAY)
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=self.betas)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else None
+        steps_per_epoch = total / epochs if epochs else total
+        warmup = min(total, round(self.warmup_epochs * steps_per_epoch))
+        min_ratio = self.min_lr / lr if lr > 0 else 0.0
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup, total, min_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def check_finite(self, loss: torch.Tensor, name: str = "loss") -> torch.Tensor:
+        """Return ``loss``, or raise ``FloatingPointError`` naming the step when it is NaN/inf."""
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"{type(self).__name__} {name} became {loss.item()} at global step {self.global_step}. "
+                "Fix: lower --model.blr, lengthen --model.warmup_epochs, use --trainer.precision 32 "
+                "(or bf16-mixed instead of 16-mixed), or add --trainer.gradient_clip_val 1.0; then "
+                "resume from the last checkpoint with --ckpt_path last."
+            )
+        return loss

@@ -1,0 +1,172 @@
+"""MAE: Masked Autoencoders Are Scalable Vision Learners (He et al. 2021, arXiv 2111.06377).
+
+The method in four steps, each a method below, as the official ``models_mae.py`` reads:
+mask (``mask_generator``), ``forward_encoder`` (visible patches only), ``forward_decoder``
+(mask tokens + light Transformer), ``forward_loss`` (MSE on masked patches, per-patch
+normalised pixels). ColorMAE is this module with a ``ColorNoiseMask``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from mim.backbones.vit import create_vit, encode_visible, mae_init_
+from mim.decoders.mae import MAEDecoder
+from mim.masking import MaskGenerator, RandomMask
+from mim.methods.base import PretrainModule
+from mim.patches import mask_to_pixels, patchify, unpatchify, visible_ids
+
+
+def pixel_target(imgs: torch.Tensor, patch_size: int, norm_pix_loss: bool) -> torch.Tensor:
+    """Regression target per patch: ``(B, 3, H, W)`` -> ``(B, L, p*p*3)``.
+
+    With ``norm_pix_loss`` each patch is normalised by its own mean and variance (MAE Sec. 3,
+    "Reconstruction target": "normalized pixel values of each masked patch"), ``eps = 1e-6``.
+    """
+    target = patchify(imgs, patch_size)
+    if norm_pix_loss:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1.0e-6).sqrt()
+    return target
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over masked patches only (MAE Sec. 3: "we compute the loss only on
+    masked patches"): per-patch MSE averaged over the ``True`` entries of ``mask (B, L)``."""
+    per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1)
+    mask = mask.to(per_patch.dtype)
+    return (per_patch * mask).sum() / mask.sum()
+
+
+class MAE(PretrainModule):
+    """Masked autoencoder on a timm ``VisionTransformer``.
+
+    Args:
+        backbone: timm ViT name, e.g. ``"vit_tiny_patch16_224"``.
+        img_size: input side in pixels (32 for CIFAR), divisible by ``patch_size``.
+        patch_size: patch side in pixels (4 for 32 px images gives an 8x8 grid).
+        backbone_kwargs: more ``timm.create_model`` kwargs (e.g. ``drop_path_rate``).
+        mask_ratio: fraction of patches masked, in (0, 1) (MAE: 0.75, Sec. 4 / Fig. 5).
+        mask: mask-generator factory called as ``mask(mask_ratio)`` (a class from
+            :mod:`mim.masking`, or a ``functools.partial`` of one); default uniform random masking.
+        decoder_embed_dim, decoder_depth, decoder_num_heads: decoder size (MAE: 512, 8, 16).
+        mlp_ratio: decoder MLP ratio.
+        norm_pix_loss: regress per-patch normalised pixels (MAE Table 1d: better representations).
+        blr, lr, weight_decay, betas, warmup_epochs, min_lr: see :class:`PretrainModule`
+            (MAE Appendix A.1: blr 1.5e-4, wd 0.05, betas (0.9, 0.95), 40 warmup epochs).
+
+    Raises:
+        ConfigError: unknown / non-ViT backbone, ``img_size % patch_size != 0``, ``mask_ratio``
+            outside (0, 1).
+
+    Batches are ``(imgs, labels)`` with ``imgs: (B, 3, H, W) float32`` normalised; labels unused.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "vit_tiny_patch16_224",
+        img_size: int = 224,
+        patch_size: int = 16,
+        backbone_kwargs: dict[str, Any] | None = None,
+        mask_ratio: float = 0.75,
+        mask: Callable[[float], MaskGenerator] = RandomMask,
+        decoder_embed_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        norm_pix_loss: bool = True,
+        blr: float = 1.5e-4,
+        lr: float | None = None,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_epochs: float = 40.0,
+        min_lr: float = 0.0,
+    ) -> None:
+        super().__init__(blr, lr, weight_decay, betas, warmup_epochs, min_lr)
+        self.mask_generator = mask(mask_ratio)
+        self.save_hyperparameters(ignore=["mask"])
+        self.hparams["mask"] = repr(self.mask_generator)
+        self.patch_size, self.norm_pix_loss = patch_size, norm_pix_loss
+        backbone_kwargs = dict(backbone_kwargs or {})
+        self.encoder = create_vit(backbone, img_size, patch_size, **backbone_kwargs)
+        self.encoder_config = {
+            "model_name": backbone,
+            "model_kwargs": {"img_size": img_size, "patch_size": patch_size, "num_classes": 0, **backbone_kwargs},
+        }
+        self.grid_hw = tuple(self.encoder.patch_embed.grid_size)
+        self.decoder = MAEDecoder(
+            self.grid_hw,
+            embed_dim=self.encoder.embed_dim,
+            decoder_embed_dim=decoder_embed_dim,
+            decoder_depth=decoder_depth,
+            decoder_num_heads=decoder_num_heads,
+            out_dim=patch_size * patch_size * self.encoder.patch_embed.proj.in_channels,
+            num_prefix_tokens=self.encoder.num_prefix_tokens,
+            mlp_ratio=mlp_ratio,
+        )
+        mae_init_(self)
+
+    # -- the method ---------------------------------------------------------------------------
+    def sample_mask(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``(B, L)`` bool mask on this module's device from ``mask_generator``."""
+        return self.mask_generator(batch_size, self.grid_hw, generator).to(self.device, non_blocking=True)
+
+    def forward_encoder(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)``, ``(B, N_vis)`` -> ``(B, P + N_vis, D)`` latent of the visible patches."""
+        return encode_visible(self.encoder, imgs, ids_keep)
+
+    def forward_decoder(self, latent: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        """``(B, P + N_vis, D)`` -> ``(B, L, p*p*3)`` pixel predictions for every patch."""
+        return self.decoder(latent, ids_keep)
+
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Scalar MSE on the masked patches (see :func:`pixel_target`, :func:`masked_mse`)."""
+        return masked_mse(pred, pixel_target(imgs, self.patch_size, self.norm_pix_loss), mask)
+
+    def forward(
+        self, imgs: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns ``(loss, pred (B, L, p*p*3), mask (B, L) bool)``; draws a mask when none is given."""
+        if mask is None:
+            mask = self.sample_mask(imgs.shape[0])
+        ids_keep = visible_ids(mask)
+        pred = self.forward_decoder(self.forward_encoder(imgs, ids_keep), ids_keep)
+        return self.forward_loss(imgs, pred, mask), pred, mask
+
+    # -- Lightning ----------------------------------------------------------------------------
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = self.check_finite(self(batch[0])[0])
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        # A fixed mask per batch index keeps the validation loss comparable across epochs.
+        generator = torch.Generator().manual_seed(batch_idx)
+        imgs = batch[0]
+        loss = self(imgs, self.sample_mask(imgs.shape[0], generator))[0]
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        return loss
+
+    @torch.no_grad()
+    def reconstruct(self, imgs: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Masks and reconstructions for pictures, in the input's normalised pixel space.
+
+        With ``norm_pix_loss`` the predicted patches are brought back to pixels with the mean and
+        variance of the true patch (as the official visualisation does), and visible patches are
+        pasted from the input (MAE Fig. 2).
+
+        Returns:
+            ``{"mask": (B, 1, H, W) float 1 = masked, "reconstruction": (B, 3, H, W) float}``.
+        """
+        mask = self.sample_mask(imgs.shape[0], generator)
+        _, pred, _ = self(imgs, mask)
+        if self.norm_pix_loss:
+            target = patchify(imgs, self.patch_size)
+            mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+            pred = pred * (var + 1.0e-6).sqrt() + mean
+        recon = unpatchify(pred.to(imgs.dtype), self.patch_size, self.grid_hw)
+        pixels = mask_to_pixels(mask, self.patch_size, self.grid_hw).to(imgs.dtype)
+        return {"mask": pixels, "reconstruction": recon * pixels + imgs * (1 - pixels)}

@@ -1,0 +1,113 @@
+import lightning as L
+import pytest
+import torch
+
+from mim.data import ImageDataModule
+from mim.eval import OnlineKNN, OnlineLinearProbe, pooled_features, weighted_knn_scores
+from mim.methods import MAE
+
+SMALL = dict(
+    backbone="vit_tiny_patch16_224", img_size=32, patch_size=4,
+    decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=2,
+)
+
+
+class GradSpy(L.Callback):
+    """Snapshots the encoder's gradients at on_train_batch_end (placed before and after the probe)."""
+
+    def __init__(self):
+        self.snapshots = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.snapshots.append([None if p.grad is None else p.grad.clone() for p in pl_module.encoder.parameters()])
+
+
+def _fit(tmp_path, shared_data, callbacks, max_steps=3, **model_kwargs):
+    L.seed_everything(0)
+    dm = ImageDataModule(root=str(shared_data), batch_size=20, num_workers=0, limit_per_class=6, val_limit_per_class=2)
+    model = MAE(**SMALL, **model_kwargs)
+    trainer = L.Trainer(
+        max_steps=max_steps, callbacks=callbacks, default_root_dir=tmp_path, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0, accelerator="cpu",
+    )
+    trainer.fit(model, dm)
+    return trainer, model
+
+
+def test_probe_gradients_never_reach_the_encoder(tmp_path, shared_data):
+    before, after = GradSpy(), GradSpy()
+    probe = OnlineLinearProbe()
+    head_before = None
+
+    class HeadSpy(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            nonlocal head_before
+            head_before = [p.clone() for p in probe.head.parameters()]
+
+    _fit(tmp_path, shared_data, [HeadSpy(), before, probe, after])
+    assert len(before.snapshots) == 3
+    for snap_before, snap_after in zip(before.snapshots, after.snapshots):
+        for g0, g1 in zip(snap_before, snap_after):
+            assert (g0 is None and g1 is None) or torch.equal(g0, g1)
+    # ...while the probe's own head did learn
+    assert any(not torch.equal(a, b) for a, b in zip(head_before, probe.head.parameters()))
+
+
+def test_frozen_encoder_is_bit_identical_after_probe_training(tmp_path, shared_data):
+    torch.manual_seed(0)
+    reference = MAE(**SMALL).encoder.state_dict()
+    trainer, model = _fit(tmp_path, shared_data, [OnlineLinearProbe(), OnlineKNN()], lr=0.0)
+    for key, value in model.encoder.state_dict().items():
+        assert torch.equal(value, reference[key]), key
+    metrics = trainer.callback_metrics
+    assert 0.0 <= metrics["probe/val_top1"] <= 1.0
+    assert 0.0 <= metrics["knn/val_top1"] <= 1.0
+
+
+def test_pooled_features_are_detached_and_restore_mode(cifar_batch):
+    encoder = MAE(**SMALL).encoder.train()
+    feats = pooled_features(encoder, cifar_batch[0], "mean")
+    assert feats.shape == (16, 192) and not feats.requires_grad and feats.dtype == torch.float32
+    assert encoder.training
+    cls = pooled_features(encoder, cifar_batch[0], "cls")
+    assert not torch.allclose(cls, feats)
+
+
+def test_knn_one_hot_features_are_perfect_and_random_features_near_chance():
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (2000,), generator=gen)
+    onehot = torch.nn.functional.one_hot(labels, 10).float()
+    scores = weighted_knn_scores(onehot, labels, onehot[:500], 10, k=20, temperature=0.07)
+    assert (scores.argmax(1) == labels[:500]).float().mean() == 1.0
+    bank = torch.randn(2000, 64, generator=gen)
+    queries = torch.randn(1000, 64, generator=gen)
+    query_labels = torch.randint(0, 10, (1000,), generator=gen)
+    acc = (weighted_knn_scores(bank, labels, queries, 10).argmax(1) == query_labels).float().mean()
+    assert 0.05 < acc < 0.17
+
+
+def test_knn_weights_votes_by_similarity():
+    bank = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    labels = torch.tensor([0, 0, 1])
+    scores = weighted_knn_scores(bank, labels, torch.tensor([[1.0, 0.05]]), 2, k=3, temperature=0.1)
+    cos = torch.nn.functional.normalize(bank, dim=1) @ torch.nn.functional.normalize(torch.tensor([1.0, 0.05]), dim=0)
+    expected = torch.tensor([(cos[0] / 0.1).exp() + (cos[1] / 0.1).exp(), (cos[2] / 0.1).exp()])
+    torch.testing.assert_close(scores[0], expected)
+
+
+def test_probe_state_round_trips_through_checkpoint(tmp_path, shared_data):
+    probe = OnlineLinearProbe()
+    _fit(tmp_path, shared_data, [probe], max_steps=2)
+    state = probe.state_dict()
+    restored = OnlineLinearProbe()
+    restored.load_state_dict(state)
+    assert restored._pending_state["head"].keys() == state["head"].keys()
+    assert state["optimizer"]["state"], "the head's optimiser state is saved"
+
+
+def test_probe_requires_num_classes():
+    probe = OnlineLinearProbe()
+    trainer = L.Trainer(logger=False, accelerator="cpu")
+    trainer.datamodule = None
+    with pytest.raises(ValueError, match="needs num_classes"):
+        probe.setup(trainer, MAE(**SMALL), "fit")
