@@ -69,18 +69,29 @@ class OnlineLinearProbe(L.Callback):
         pool: ``"cls"`` token or ``"mean"`` of patch tokens (ConvNets: global average pooling).
         lr: AdamW learning rate of the head.
         weight_decay: AdamW weight decay of the head.
+        name: prefix of the logged metrics (give each probe its own when using several).
 
-    Logs ``probe/train_loss``, ``probe/train_top1`` (per step) and ``probe/val_top1`` (per
+    Logs ``<name>/train_loss``, ``<name>/train_top1`` (per step) and ``<name>/val_top1`` (per
     validation epoch), top-1 accuracy in [0, 1]. The head and its optimiser are saved in the
     checkpoint, so a resumed run continues the same probe.
     """
 
     def __init__(
-        self, num_classes: int | None = None, pool: Pool = "cls", lr: float = 1e-3, weight_decay: float = 0.0
+        self,
+        num_classes: int | None = None,
+        pool: Pool = "cls",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        name: str = "probe",
     ) -> None:
         self.num_classes, self.pool, self.lr, self.weight_decay = num_classes, pool, lr, weight_decay
+        self.name = name
         self.head: nn.Module | None = None
         self._pending_state: dict[str, Any] | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.name)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.head is not None:
@@ -126,8 +137,8 @@ class OnlineLinearProbe(L.Callback):
         self.optimizer.step()
         valid = labels >= 0
         top1 = (logits.argmax(-1)[valid] == labels[valid]).float().mean()
-        pl_module.log("probe/train_loss", loss.detach(), batch_size=imgs.shape[0])
-        pl_module.log("probe/train_top1", top1, batch_size=imgs.shape[0])
+        pl_module.log(f"{self.name}/train_loss", loss.detach(), batch_size=imgs.shape[0])
+        pl_module.log(f"{self.name}/train_top1", top1, batch_size=imgs.shape[0])
 
     def on_validation_batch_end(
         self,
@@ -146,7 +157,7 @@ class OnlineLinearProbe(L.Callback):
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.val_top1.update_count:
-            pl_module.log("probe/val_top1", self.val_top1.compute(), prog_bar=True)
+            pl_module.log(f"{self.name}/val_top1", self.val_top1.compute(), prog_bar=True)
         self.val_top1.reset()
 
     def state_dict(self) -> dict[str, Any]:
@@ -174,8 +185,9 @@ class OnlineKNN(L.Callback):
         pool: feature pooling, as :class:`OnlineLinearProbe`.
         max_bank_size: most training features kept per rank (first ones of the epoch).
         num_classes: classes; default ``trainer.datamodule.num_classes``.
+        name: prefix of the logged metric.
 
-    Logs ``knn/val_top1`` in [0, 1] (nothing before the first training epoch).
+    Logs ``<name>/val_top1`` in [0, 1] (nothing before the first training epoch).
     """
 
     def __init__(
@@ -185,10 +197,15 @@ class OnlineKNN(L.Callback):
         pool: Pool = "cls",
         max_bank_size: int = 50_000,
         num_classes: int | None = None,
+        name: str = "knn",
     ) -> None:
         self.k, self.temperature, self.pool = k, temperature, pool
-        self.max_bank_size, self.num_classes = max_bank_size, num_classes
+        self.max_bank_size, self.num_classes, self.name = max_bank_size, num_classes, name
         self._reset()
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.name)
 
     def _reset(self) -> None:
         self.bank: list[torch.Tensor] = []
@@ -242,4 +259,4 @@ class OnlineKNN(L.Callback):
         )
         top1 = MulticlassAccuracy(self.num_classes, average="micro", ignore_index=-1).to(scores.device)
         top1.update(scores, query_labels)
-        pl_module.log("knn/val_top1", top1.compute(), prog_bar=True)
+        pl_module.log(f"{self.name}/val_top1", top1.compute(), prog_bar=True)
