@@ -111,3 +111,16 @@ def test_probe_requires_num_classes():
     trainer.datamodule = None
     with pytest.raises(ValueError, match="needs num_classes"):
         probe.setup(trainer, MAE(**SMALL), "fit")
+
+
+def test_probes_and_knn_share_one_encoder_pass_per_batch(tmp_path, shared_data, monkeypatch):
+    calls = []
+    callbacks = [OnlineLinearProbe(), OnlineLinearProbe(pool="mean", name="probe_mean"), OnlineKNN()]
+
+    class CountForward(L.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            forward = pl_module.encoder.forward_features
+            monkeypatch.setattr(pl_module.encoder, "forward_features", lambda x: calls.append(1) or forward(x))
+
+    _fit(tmp_path, shared_data, [CountForward(), *callbacks], max_steps=2)
+    assert len(calls) == 2  # one frozen pass per training batch, shared by the three callbacks

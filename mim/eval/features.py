@@ -34,16 +34,22 @@ def pool_tokens(features: torch.Tensor, pool: Pool, num_prefix_tokens: int) -> t
 
 
 @torch.no_grad()
-def pooled_features(encoder: nn.Module, imgs: torch.Tensor, pool: Pool = "cls") -> torch.Tensor:
-    """Frozen features of the full, unmasked images: ``(B, 3, H, W)`` -> ``(B, D)`` float32.
+def frozen_features(encoder: nn.Module, imgs: torch.Tensor) -> torch.Tensor:
+    """``encoder.forward_features`` of the full, unmasked images, in eval mode, without gradients.
 
-    The encoder runs in eval mode (BatchNorm statistics untouched, no drop path) and without
-    gradients; its previous train/eval mode is restored.
+    Eval mode keeps BatchNorm statistics untouched and turns drop path off; the encoder's previous
+    train/eval mode is restored. Returns ViT tokens ``(B, P + L, D)`` or a ConvNet map ``(B, D, h, w)``.
     """
     was_training = encoder.training
     encoder.eval()
     try:
-        features = encoder.forward_features(imgs)
+        return encoder.forward_features(imgs)
     finally:
         encoder.train(was_training)
+
+
+def pooled_features(encoder: nn.Module, imgs: torch.Tensor, pool: Pool = "cls") -> torch.Tensor:
+    """Frozen, pooled features of the full images: ``(B, 3, H, W)`` -> ``(B, D)`` float32
+    (:func:`frozen_features`, then :func:`pool_tokens`)."""
+    features = frozen_features(encoder, imgs)
     return pool_tokens(features, pool, getattr(encoder, "num_prefix_tokens", 0)).float()

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from mim.eval.features import Pool, pooled_features
+from mim.eval.features import Pool, frozen_features, pool_tokens
 from mim.eval.knn import weighted_knn_scores
 
 
@@ -30,10 +30,10 @@ def _num_classes(num_classes: int | None, trainer: L.Trainer, who: str) -> int:
 
 
 class _LastFeatures:
-    """The features of the last batch, so the probe and the kNN callbacks share one encoder pass.
+    """The encoder output of the last batch, so all online callbacks share one encoder pass.
 
-    A hit needs the very same ``imgs`` tensor (unchanged), the same encoder with unchanged
-    parameters (``_version`` moves with every in-place optimiser update) and the same pooling.
+    A hit needs the very same ``imgs`` tensor (unchanged) and the same encoder with unchanged
+    parameters (``_version`` moves with every in-place optimiser update).
     """
 
     key: tuple | None = None
@@ -41,19 +41,21 @@ class _LastFeatures:
     features: torch.Tensor | None = None
 
     @classmethod
-    def get(cls, trainer: L.Trainer, encoder: nn.Module, imgs: torch.Tensor, pool: Pool) -> torch.Tensor:
-        param = next(encoder.parameters())
-        key = (id(encoder), param._version, id(imgs), imgs._version, pool)
+    def get(cls, trainer: L.Trainer, encoder: nn.Module, imgs: torch.Tensor) -> torch.Tensor:
+        key = (id(encoder), next(encoder.parameters())._version, id(imgs), imgs._version)
         if key != cls.key or cls.imgs is None or cls.imgs() is not imgs:
             # The trainer's precision context, so bf16-mixed runs this forward in bf16 too.
             with trainer.precision_plugin.forward_context():
-                cls.features = pooled_features(encoder, imgs, pool)
+                cls.features = frozen_features(encoder, imgs)
             cls.key, cls.imgs = key, weakref.ref(imgs)
         return cls.features
 
 
 def _features(trainer: L.Trainer, pl_module: L.LightningModule, imgs: torch.Tensor, pool: Pool) -> torch.Tensor:
-    return _LastFeatures.get(trainer, pl_module.encoder, imgs, pool)
+    """``(B, D)`` float32 pooled frozen features of ``imgs`` from ``pl_module.encoder``."""
+    encoder = pl_module.encoder
+    tokens = _LastFeatures.get(trainer, encoder, imgs)
+    return pool_tokens(tokens, pool, getattr(encoder, "num_prefix_tokens", 0)).float()
 
 
 class OnlineLinearProbe(L.Callback):
