@@ -24,11 +24,16 @@ from pathlib import Path
 
 import torch
 
+from mim.masking import ColorNoiseMask
+
 REPO = Path(__file__).resolve().parents[1]
 VIT_TINY_4 = dict(backbone="vit_tiny_patch16_224", img_size=32, patch_size=4)
-# name -> (import path, kwargs); the MAE decoder of configs/mae/vit_tiny_cifar10.yaml
+MAE_DECODER = dict(decoder_embed_dim=128, decoder_depth=4, decoder_num_heads=4)
+# name -> (import path, kwargs): the model sizes of configs/<method>/vit_tiny_cifar10.yaml
 METHODS = {
-    "MAE": ("mim.methods:MAE", dict(**VIT_TINY_4, decoder_embed_dim=128, decoder_depth=4, decoder_num_heads=4)),
+    "MAE": ("mim.methods:MAE", dict(**VIT_TINY_4, **MAE_DECODER)),
+    "ColorMAE": ("mim.methods:MAE", dict(**VIT_TINY_4, **MAE_DECODER, mask=ColorNoiseMask)),
+    "CAE": ("mim.methods:CAE", dict(**VIT_TINY_4, regressor_depth=2, decoder_depth=2)),
 }
 
 

@@ -1,5 +1,6 @@
 """Decoders that turn encoder tokens (plus mask tokens) back into pixels or targets."""
 
+from mim.decoders.cae import CAEDecoder, CAERegressor
 from mim.decoders.mae import MAEDecoder
 
-__all__ = ["MAEDecoder"]
+__all__ = ["CAEDecoder", "CAERegressor", "MAEDecoder"]

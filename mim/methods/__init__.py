@@ -1,6 +1,7 @@
-"""Pretraining methods, one LightningModule each."""
+"""Pretraining methods, one LightningModule each (ColorMAE is ``MAE`` with a ``ColorNoiseMask``)."""
 
 from mim.methods.base import PretrainModule
+from mim.methods.cae import CAE
 from mim.methods.mae import MAE
 
-__all__ = ["MAE", "PretrainModule"]
+__all__ = ["CAE", "MAE", "PretrainModule"]
