@@ -34,6 +34,7 @@ METHODS = {
     "MAE": ("mim.methods:MAE", dict(**VIT_TINY_4, **MAE_DECODER)),
     "ColorMAE": ("mim.methods:MAE", dict(**VIT_TINY_4, **MAE_DECODER, mask=ColorNoiseMask)),
     "CAE": ("mim.methods:CAE", dict(**VIT_TINY_4, regressor_depth=2, decoder_depth=2)),
+    "MixedAE": ("mim.methods:MixedAE", dict(**VIT_TINY_4, **MAE_DECODER)),
 }
 
 

@@ -3,5 +3,6 @@
 from mim.methods.base import PretrainModule
 from mim.methods.cae import CAE
 from mim.methods.mae import MAE
+from mim.methods.mixedae import MixedAE
 
-__all__ = ["CAE", "MAE", "PretrainModule"]
+__all__ = ["CAE", "MAE", "MixedAE", "PretrainModule"]

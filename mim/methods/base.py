@@ -13,6 +13,7 @@ import lightning as L
 import torch
 from timm.optim import param_groups_weight_decay
 
+from mim.backbones.vit import create_vit
 from mim.errors import ConfigError
 
 #: Parameters that never get weight decay, besides biases and 1-D (norm) parameters
@@ -47,11 +48,14 @@ class PretrainModule(L.LightningModule):
         min_lr: final learning rate of the cosine decay.
 
     Subclasses set ``self.encoder`` (a plain timm model) and ``self.encoder_config``
-    (``{"model_name": str, "model_kwargs": dict}``) so the encoder can be exported and re-created.
+    (``{"model_name": str, "model_kwargs": dict}``) so the encoder can be exported and re-created;
+    the ViT methods do it with :meth:`init_vit_encoder`, and draw masks with :meth:`sample_mask`.
     """
 
     encoder: torch.nn.Module
     encoder_config: dict[str, Any]
+    mask_generator: Any
+    grid_hw: tuple[int, int]
 
     def __init__(
         self,
@@ -69,6 +73,23 @@ class PretrainModule(L.LightningModule):
             raise ConfigError(f"warmup_epochs must be >= 0, got {warmup_epochs}.")
         self.blr, self.lr, self.weight_decay = blr, lr, weight_decay
         self.betas, self.warmup_epochs, self.min_lr = tuple(betas), warmup_epochs, min_lr
+
+    def init_vit_encoder(
+        self, backbone: str, img_size: int, patch_size: int, backbone_kwargs: dict[str, Any] | None
+    ) -> None:
+        """Build the timm ViT encoder (:func:`mim.backbones.vit.create_vit`) and set ``encoder``,
+        ``encoder_config`` (what re-creates it with timm) and ``grid_hw`` (the patch grid)."""
+        backbone_kwargs = dict(backbone_kwargs or {})
+        self.encoder = create_vit(backbone, img_size, patch_size, **backbone_kwargs)
+        self.encoder_config = {
+            "model_name": backbone,
+            "model_kwargs": {"img_size": img_size, "patch_size": patch_size, "num_classes": 0, **backbone_kwargs},
+        }
+        self.grid_hw = tuple(self.encoder.patch_embed.grid_size)
+
+    def sample_mask(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``(B, L)`` bool mask (``True`` = masked) from ``mask_generator``, on this module's device."""
+        return self.mask_generator(batch_size, self.grid_hw, generator).to(self.device, non_blocking=True)
 
     def setup(self, stage: str) -> None:
         """Refuse a datamodule whose ``img_size`` differs from the encoder's, before training starts."""

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from mim.backbones.vit import check_model_name, create_vit, encode_visible, mae_init_
+from mim.backbones.vit import check_model_name, encode_visible, mae_init_
 from mim.decoders.cae import CAEDecoder, CAERegressor
 from mim.errors import ConfigError
 from mim.masking import BlockMask, MaskGenerator
@@ -187,13 +187,7 @@ class CAE(PretrainModule):
         self.save_hyperparameters(ignore=["mask"])
         self.hparams["mask"] = repr(self.mask_generator)
         self.patch_size, self.norm_pix_loss, self.align_weight = patch_size, norm_pix_loss, align_weight
-        backbone_kwargs = dict(backbone_kwargs or {})
-        self.encoder = create_vit(backbone, img_size, patch_size, **backbone_kwargs)
-        self.encoder_config = {
-            "model_name": backbone,
-            "model_kwargs": {"img_size": img_size, "patch_size": patch_size, "num_classes": 0, **backbone_kwargs},
-        }
-        self.grid_hw = tuple(self.encoder.patch_embed.grid_size)
+        self.init_vit_encoder(backbone, img_size, patch_size, backbone_kwargs)
         dim = self.encoder.embed_dim
         heads = num_heads or self.encoder.blocks[0].attn.num_heads
         if dim % heads:
@@ -218,10 +212,6 @@ class CAE(PretrainModule):
         return self
 
     # -- the method ---------------------------------------------------------------------------
-    def sample_mask(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``(B, L)`` bool mask on this module's device from ``mask_generator``."""
-        return self.mask_generator(batch_size, self.grid_hw, generator).to(self.device, non_blocking=True)
-
     def forward_encoder(self, imgs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)``, ``(B, N)`` -> ``(B, N, D)``: the encoder on the patches at ``ids`` (with
         their position embeddings and the cls token), prefix tokens dropped from the output."""

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-from mim.backbones.vit import create_vit, encode_visible, mae_init_
+from mim.backbones.vit import encode_visible, mae_init_
 from mim.decoders.mae import MAEDecoder
 from mim.masking import MaskGenerator, RandomMask
 from mim.methods.base import PretrainModule
@@ -90,13 +90,7 @@ class MAE(PretrainModule):
         self.save_hyperparameters(ignore=["mask"])
         self.hparams["mask"] = repr(self.mask_generator)
         self.patch_size, self.norm_pix_loss = patch_size, norm_pix_loss
-        backbone_kwargs = dict(backbone_kwargs or {})
-        self.encoder = create_vit(backbone, img_size, patch_size, **backbone_kwargs)
-        self.encoder_config = {
-            "model_name": backbone,
-            "model_kwargs": {"img_size": img_size, "patch_size": patch_size, "num_classes": 0, **backbone_kwargs},
-        }
-        self.grid_hw = tuple(self.encoder.patch_embed.grid_size)
+        self.init_vit_encoder(backbone, img_size, patch_size, backbone_kwargs)
         self.decoder = MAEDecoder(
             self.grid_hw,
             embed_dim=self.encoder.embed_dim,
@@ -110,10 +104,6 @@ class MAE(PretrainModule):
         mae_init_(self)
 
     # -- the method ---------------------------------------------------------------------------
-    def sample_mask(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``(B, L)`` bool mask on this module's device from ``mask_generator``."""
-        return self.mask_generator(batch_size, self.grid_hw, generator).to(self.device, non_blocking=True)
-
     def forward_encoder(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)``, ``(B, N_vis)`` -> ``(B, P + N_vis, D)`` latent of the visible patches."""
         return encode_visible(self.encoder, imgs, ids_keep)
