@@ -1,0 +1,222 @@
+"""``ImageDataModule``: the one LightningDataModule of ``mim`` (``--data.*`` on the command line)."""
+
+from __future__ import annotations
+
+import os
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset, get_worker_info
+
+from mim.errors import ConfigError
+from mim.data.datasets import (
+    DATASETS,
+    NATIVE_SIZE,
+    STATS,
+    STL10_SPLITS,
+    TransformedDataset,
+    build_dataset,
+    download_dataset,
+    first_per_class,
+    stratified_fraction,
+    targets_of,
+)
+from mim.data.transforms import IMAGENET_CROP_PCT, eval_transform, train_transform
+
+
+def default_num_workers() -> int:
+    """``min(4, max(1, cpu_count - 1))``: leaves one core to the training loop (1 on a 2-core machine)."""
+    return min(4, max(1, (os.cpu_count() or 1) - 1))
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Give each DataLoader worker its own albumentations random stream.
+
+    albumentations 2.x keeps its generators inside the pipeline, so forked workers would all start
+    from the same state and apply the same crops and flips; reseed from the worker's torch seed.
+    """
+    info = get_worker_info()
+    ds = info.dataset if info is not None else None
+    while isinstance(ds, Subset):
+        ds = ds.dataset
+    if isinstance(ds, TransformedDataset) and hasattr(ds.transform, "set_random_seed"):
+        ds.transform.set_random_seed(torch.initial_seed() % 2**32)
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Image classification data for masked-image-model pretraining and evaluation.
+
+    Batches are ``(imgs, labels)``: ``imgs`` (B, 3, img_size, img_size) float32, normalized per
+    channel as ``(pixel / 255 - mean) / std``; ``labels`` (B,) int64 class indices (-1 for unlabeled
+    STL10 images). Train batches use ``train_transform`` (MAE augmentation, He et al. 2021, Sec. A.1)
+    and drop the last incomplete batch; val / test / predict all use the val split (CIFAR's and
+    STL10's test set, ImageFolder's ``val`` folder) with the deterministic ``eval_transform``.
+
+    Args:
+        dataset: one of ``cifar10``, ``cifar100``, ``stl10``, ``imagefolder``.
+        root: data root; None: the ``MIM_DATA`` environment variable, else ``./data``. Where each
+            dataset is looked for under it: datasets/README.md.
+        img_size: model input side in pixels.
+        batch_size: images per batch (per device).
+        num_workers: DataLoader worker processes; None: ``min(4, max(1, cpu_count - 1))``.
+        limit_per_class: keep only the first N train images of each class (dataset order).
+        val_limit_per_class: the same for the val split.
+        fraction: keep a stratified random fraction in (0, 1] of the train split (seeded by ``seed``);
+            cannot be combined with ``limit_per_class``.
+        download: let ``prepare_data`` download cifar10 / cifar100 / stl10 with torchvision into
+            ``root`` when they are not there (needs network).
+        skip_bad_images: ImageFolder trees: decode every file at setup and drop unreadable ones
+            (a warning names them) instead of failing with ``BadImageError`` mid-epoch.
+        crop_scale: area range of the train random resized crop (MAE: (0.2, 1.0)).
+        eval_crop_pct: center-crop fraction of the eval transform; None: 1.0 when the native image
+            size equals ``img_size`` (CIFAR at 32 px), else 0.875 (ImageNet convention).
+        mean, std: per-channel RGB normalization in [0, 1] units; None: the dataset's (CIFAR-10
+            (0.4914, 0.4822, 0.4465) / (0.2470, 0.2435, 0.2616), CIFAR-100 (0.5071, 0.4865, 0.4409)
+            / (0.2673, 0.2564, 0.2762), STL10 and imagefolder ImageNet's).
+        train_split: stl10 only: ``train`` (default), ``test``, ``unlabeled`` or ``train+unlabeled``.
+        seed: seed of the ``fraction`` subset.
+
+    Raises:
+        mim.errors.ConfigError (a ValueError): invalid arguments (in ``__init__``).
+        DatasetNotFoundError: in ``setup`` when the data is not found (message lists the paths
+            looked at), or in ``prepare_data`` when a download fails.
+        BadImageError: while iterating, for an unreadable file (unless ``skip_bad_images``).
+    """
+
+    def __init__(
+        self,
+        dataset: str = "cifar10",
+        root: str | None = None,
+        img_size: int = 32,
+        batch_size: int = 128,
+        num_workers: int | None = None,
+        limit_per_class: int | None = None,
+        val_limit_per_class: int | None = None,
+        fraction: float | None = None,
+        download: bool = False,
+        skip_bad_images: bool = False,
+        crop_scale: tuple[float, float] = (0.2, 1.0),
+        eval_crop_pct: float | None = None,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+        train_split: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if dataset not in DATASETS:
+            raise ConfigError(f"Unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
+        if img_size < 1:
+            raise ConfigError(f"img_size must be >= 1, got {img_size}")
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if num_workers is not None and num_workers < 0:
+            raise ConfigError(f"num_workers must be >= 0 or null (auto), got {num_workers}")
+        for arg, value in (("limit_per_class", limit_per_class), ("val_limit_per_class", val_limit_per_class)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{arg} must be >= 1 or null (all), got {value}")
+        if fraction is not None and not 0.0 < fraction <= 1.0:
+            raise ConfigError(f"fraction must be in (0, 1] or null (all), got {fraction}")
+        if fraction is not None and limit_per_class is not None:
+            raise ConfigError("Set either fraction or limit_per_class, not both")
+        if len(crop_scale) != 2 or not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
+            raise ConfigError(f"crop_scale must be (min, max) with 0 < min <= max <= 1, got {crop_scale}")
+        if eval_crop_pct is not None and not 0.0 < eval_crop_pct <= 1.0:
+            raise ConfigError(f"eval_crop_pct must be in (0, 1] or null (auto), got {eval_crop_pct}")
+        for arg, value in (("mean", mean), ("std", std)):
+            if value is not None and len(value) != 3:
+                raise ConfigError(f"{arg} must have 3 values (R, G, B), got {value}")
+        if std is not None and min(std) <= 0:
+            raise ConfigError(f"std values must be > 0, got {std}")
+        if train_split is not None and (dataset != "stl10" or train_split not in STL10_SPLITS):
+            raise ConfigError(
+                f"train_split is for stl10 only, one of {', '.join(STL10_SPLITS)}; got {train_split!r} for {dataset!r}"
+            )
+        if download and dataset == "imagefolder":
+            raise ConfigError("download is for cifar10, cifar100 and stl10; imagefolder data must be placed by hand")
+
+        self.dataset = dataset
+        self.root = root
+        self.img_size = img_size
+        self.batch_size = batch_size
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.mean = tuple(mean) if mean is not None else STATS[dataset][0]
+        self.std = tuple(std) if std is not None else STATS[dataset][1]
+        native = NATIVE_SIZE[dataset]
+        if eval_crop_pct is None:
+            eval_crop_pct = 1.0 if native == img_size else IMAGENET_CROP_PCT
+        self.eval_crop_pct = eval_crop_pct
+        self.num_classes: int | None = None  # known after setup()
+        self.skipped_images: list[str] = []  # files dropped by skip_bad_images
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    def prepare_data(self) -> None:
+        """Download (only when ``download=True`` and the data is not already under root)."""
+        if self.hparams.download:
+            download_dataset(self.dataset, self.root)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Find and open the splits: train for ``fit`` (or None), val for every stage.
+
+        Raises:
+            DatasetNotFoundError: the data is missing or its folder tree unusable.
+        """
+        hp = self.hparams
+        if self.train_set is None and stage in (None, "fit"):
+            raw = self._raw("train")
+            targets = targets_of(raw)
+            if hp.limit_per_class is not None:
+                keep = first_per_class(targets, hp.limit_per_class)
+            elif hp.fraction is not None and hp.fraction < 1.0:
+                keep = stratified_fraction(targets, hp.fraction, hp.seed)
+            else:
+                keep = None
+            tf = train_transform(self.img_size, self.mean, self.std, scale=tuple(hp.crop_scale))
+            tf.set_random_seed(int(torch.randint(2**31, ())))  # follows seed_everything in the main process
+            ds = TransformedDataset(raw, tf)
+            self.train_set = ds if keep is None else Subset(ds, keep)
+        if self.val_set is None:
+            raw = self._raw("val")
+            ds = TransformedDataset(raw, eval_transform(self.img_size, self.mean, self.std, self.eval_crop_pct))
+            limit = hp.val_limit_per_class
+            self.val_set = ds if limit is None else Subset(ds, first_per_class(targets_of(raw), limit))
+
+    def _raw(self, split: str) -> Dataset:
+        hp = self.hparams
+        raw = build_dataset(
+            self.dataset, split, self.root, train_split=hp.train_split, skip_bad_images=hp.skip_bad_images
+        )
+        self.skipped_images += getattr(raw, "skipped", [])
+        self.num_classes = len(raw.classes)  # type: ignore[attr-defined]
+        return raw
+
+    def _loader(self, ds: Dataset | None, train: bool) -> DataLoader:
+        if ds is None:
+            raise RuntimeError("ImageDataModule.setup() must run before asking for a dataloader")
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            worker_init_fn=_seed_worker,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled train batches ``(imgs, labels)``; the last incomplete batch is dropped."""
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Val split in order, eval transform, last batch kept."""
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Same as ``val_dataloader`` (the val split is the datasets' test set)."""
+        return self._loader(self.val_set, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Same as ``val_dataloader``."""
+        return self._loader(self.val_set, train=False)
