@@ -7,6 +7,7 @@ the process above its size before the model was built) belongs to that method al
 ``--repeats`` timed runs of ``--steps`` steps each, after ``--warmup`` steps.
 
     python tools/bench_pretrain.py                                # CPU, fp32
+    python tools/bench_pretrain.py --threads 1 --methods MAE CAE  # one core, two methods
     python tools/bench_pretrain.py --device cuda --precision bf16 # GPU, bf16 autocast
 """
 
@@ -101,8 +102,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         result = measure(args.child, args.batch_size, args.device, args.precision, args.steps, args.warmup, args.repeats)
         print(json.dumps(result))
