@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from torchvision.utils import make_grid, save_image
 
@@ -16,7 +16,8 @@ class ReconstructionImages(L.Callback):
 
     Rows are images; columns are original | masked (grey) | reconstruction with the visible patches
     pasted back (MAE, He et al. 2021, arXiv 2111.06377, Fig. 2). The same ``num_images``
-    validation images and the same masks (``seed``) are used every time, so grids compare across
+    validation images (evenly spaced over the validation set) and the same masks (``seed``) are
+    used every time, so grids compare across
     epochs. Written to ``<log_dir>/reconstructions/epoch=NNN.png`` and, with a TensorBoard logger,
     as the image ``reconstructions``.
 
@@ -28,31 +29,30 @@ class ReconstructionImages(L.Callback):
         every_n_epochs: period in validation epochs.
         num_images: rows in the grid.
         seed: seed of the masks.
+        scale: integer nearest-neighbour enlargement of the saved grid (e.g. 4 for 32 px images).
     """
 
-    def __init__(self, every_n_epochs: int = 1, num_images: int = 8, seed: int = 0) -> None:
-        self.every_n_epochs, self.num_images, self.seed = every_n_epochs, num_images, seed
+    def __init__(self, every_n_epochs: int = 1, num_images: int = 8, seed: int = 0, scale: int = 1) -> None:
+        self.every_n_epochs, self.num_images, self.seed, self.scale = every_n_epochs, num_images, seed, scale
         self.images: torch.Tensor | None = None
         self.last_path: Path | None = None
 
-    def on_validation_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if self.images is None or len(self.images) < self.num_images:
-            new = batch[0][: self.num_images].detach().cpu()
-            self.images = new if self.images is None else torch.cat([self.images, new])[: self.num_images]
+    def _pick_images(self, trainer: L.Trainer) -> torch.Tensor:
+        """``num_images`` validation images evenly spaced over the validation set (so a set ordered
+        by class shows several classes), stacked ``(N, 3, H, W)``."""
+        loaders = trainer.val_dataloaders
+        dataset = (loaders[0] if isinstance(loaders, (list, tuple)) else loaders).dataset
+        count = min(self.num_images, len(dataset))
+        ids = torch.linspace(0, len(dataset) - 1, count).round().long().tolist()
+        return torch.stack([dataset[i][0] for i in ids])
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or self.images is None or not trainer.is_global_zero:
+        if trainer.sanity_checking or not trainer.is_global_zero:
             return
         if (trainer.current_epoch + 1) % self.every_n_epochs:
             return
+        if self.images is None:
+            self.images = self._pick_images(trainer)
         imgs = self.images.to(pl_module.device)
         was_training = pl_module.training
         pl_module.eval()
@@ -64,6 +64,8 @@ class ReconstructionImages(L.Callback):
         recon = out["reconstruction"].float() * std + mean
         masked = original * (1 - out["mask"]) + 0.5 * out["mask"]
         rows = torch.stack([original, masked, recon], dim=1).flatten(0, 1).clamp(0, 1).cpu()
+        if self.scale > 1:  # small images (CIFAR's 32 px) are easier to see enlarged
+            rows = F.interpolate(rows, scale_factor=self.scale, mode="nearest")
         grid = make_grid(rows, nrow=3, padding=2, pad_value=1.0)
         folder = Path(trainer.log_dir or trainer.default_root_dir) / "reconstructions"
         folder.mkdir(parents=True, exist_ok=True)
