@@ -150,3 +150,13 @@ def test_create_vit_passes_timm_kwargs():
     vit = create_vit("vit_tiny_patch16_224", 32, 4, drop_path_rate=0.1)
     assert vit.patch_embed.grid_size == (8, 8) and vit.num_classes == 0
     assert vit.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
+
+
+def test_denormalize_patches_inverts_the_normalised_target(cifar_batch):
+    from mim.methods.mae import denormalize_patches
+    from mim.patches import patchify
+
+    imgs = cifar_batch[0]
+    patches = patchify(imgs, 4)
+    restored = denormalize_patches(pixel_target(imgs, 4, norm_pix_loss=True), patches)
+    torch.testing.assert_close(restored, patches, atol=1e-4, rtol=1e-4)

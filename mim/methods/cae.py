@@ -32,7 +32,7 @@ from mim.decoders.cae import CAEDecoder, CAERegressor
 from mim.errors import ConfigError
 from mim.masking import BlockMask, MaskGenerator
 from mim.methods.base import PretrainModule
-from mim.methods.mae import pixel_target
+from mim.methods.mae import denormalize_patches, pixel_target
 from mim.patches import gather_tokens, mask_to_pixels, patchify, unpatchify, visible_ids
 
 
@@ -284,7 +284,7 @@ class CAE(PretrainModule):
             fill = self(imgs, mask).pred.to(imgs.dtype)
             if self.norm_pix_loss:
                 true = gather_tokens(patches, ids_masked)
-                fill = fill * (true.var(-1, keepdim=True) + 1.0e-6).sqrt() + true.mean(-1, keepdim=True)
+                fill = denormalize_patches(fill, true)
         patches = patches.scatter(1, ids_masked.unsqueeze(-1).expand_as(fill), fill)
         pixels = mask_to_pixels(mask, self.patch_size, self.grid_hw).to(imgs.dtype)
         return {"mask": pixels, "reconstruction": unpatchify(patches, self.patch_size, self.grid_hw)}

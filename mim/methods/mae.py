@@ -33,6 +33,16 @@ def pixel_target(imgs: torch.Tensor, patch_size: int, norm_pix_loss: bool) -> to
     return target
 
 
+def denormalize_patches(pred: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+    """Undo the per-patch normalisation of :func:`pixel_target` with the true patches' statistics.
+
+    ``pred``, ``patches``: ``(B, N, p*p*3)``; returns ``pred * sqrt(var + 1e-6) + mean`` with the mean
+    and variance of each true patch (as the official MAE visualisation does for ``norm_pix_loss``).
+    """
+    mean, var = patches.mean(dim=-1, keepdim=True), patches.var(dim=-1, keepdim=True)
+    return pred * (var + 1.0e-6).sqrt() + mean
+
+
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean squared error over masked patches only (MAE Sec. 3: "we compute the loss only on
     masked patches"): per-patch MSE averaged over the ``True`` entries of ``mask (B, L)``."""
@@ -154,9 +164,7 @@ class MAE(PretrainModule):
         mask = self.sample_mask(imgs.shape[0], generator)
         _, pred, _ = self(imgs, mask)
         if self.norm_pix_loss:
-            target = patchify(imgs, self.patch_size)
-            mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-            pred = pred * (var + 1.0e-6).sqrt() + mean
+            pred = denormalize_patches(pred, patchify(imgs, self.patch_size))
         recon = unpatchify(pred.to(imgs.dtype), self.patch_size, self.grid_hw)
         pixels = mask_to_pixels(mask, self.patch_size, self.grid_hw).to(imgs.dtype)
         return {"mask": pixels, "reconstruction": recon * pixels + imgs * (1 - pixels)}

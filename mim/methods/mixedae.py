@@ -41,7 +41,7 @@ from mim.decoders.mae import MAEDecoder
 from mim.errors import ConfigError
 from mim.masking import MaskGenerator, RandomMask
 from mim.methods.base import PretrainModule
-from mim.methods.mae import masked_mse, pixel_target
+from mim.methods.mae import denormalize_patches, masked_mse, pixel_target
 from mim.patches import mask_to_pixels, patchify, unpatchify
 
 
@@ -489,9 +489,7 @@ class MixedAE(PretrainModule):
         out = self(batch, self.sample_sources(total // g, generator))
         pred = out.pred
         if self.norm_pix_loss:
-            target = patchify(batch, self.patch_size)
-            mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-            pred = pred * (var + 1.0e-6).sqrt() + mean
+            pred = denormalize_patches(pred, patchify(batch, self.patch_size))
         recon = unpatchify(pred.to(imgs.dtype), self.patch_size, self.grid_hw)
         pixels = mask_to_pixels(out.mask, self.patch_size, self.grid_hw).to(imgs.dtype)
         mixed = self.mix(batch, out.sources).repeat_interleave(g, dim=0)
