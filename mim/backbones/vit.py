@@ -21,15 +21,16 @@ from mim.errors import ConfigError
 from mim.patches import gather_tokens
 
 
-def check_model_name(name: str) -> None:
-    """Raise :class:`ConfigError` naming close matches when timm does not know ``name``."""
+def check_model_name(name: str, example: str = "vit_tiny_patch16_224", pattern: str = "vit_*") -> None:
+    """Raise :class:`ConfigError` naming close matches when timm does not know ``name``; the fix
+    suggests ``timm.list_models(pattern)`` and ``example``."""
     if timm.is_model(name):
         return
     close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise ConfigError(
         f"timm has no model named '{name}'.{hint} "
-        "Fix: pick a name from timm.list_models('vit_*'), e.g. vit_tiny_patch16_224."
+        f"Fix: pick a name from timm.list_models('{pattern}'), e.g. {example}."
     )
 
 

@@ -2,5 +2,6 @@
 
 from mim.decoders.cae import CAEDecoder, CAERegressor
 from mim.decoders.mae import MAEDecoder
+from mim.decoders.spark import SparKDecoder
 
-__all__ = ["CAEDecoder", "CAERegressor", "MAEDecoder"]
+__all__ = ["CAEDecoder", "CAERegressor", "MAEDecoder", "SparKDecoder"]

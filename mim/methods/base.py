@@ -94,7 +94,7 @@ class PretrainModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Refuse a datamodule whose ``img_size`` differs from the encoder's, before training starts."""
         data_size = getattr(self.trainer.datamodule, "img_size", None) if self._trainer else None
-        model_size = self.encoder_config.get("model_kwargs", {}).get("img_size")
+        model_size = getattr(self, "img_size", None) or self.encoder_config.get("model_kwargs", {}).get("img_size")
         if data_size is not None and model_size is not None and data_size != model_size:
             raise ConfigError(
                 f"the data gives {data_size} px images but the encoder was built for {model_size} px. "
@@ -115,7 +115,7 @@ class PretrainModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         lr = self.lr if self.lr is not None else self.blr * self.effective_batch_size() / 256
         groups = param_groups_weight_decay(self, self.weight_decay, no_weight_decay_list=NO_WEIGHT_DECAY)
-        optimizer = torch.optim.AdamW(groups, lr=lr, betas=self.betas)
+        optimizer = self.create_optimizer(groups, lr)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else None
         steps_per_epoch = total / epochs if epochs else total
@@ -125,6 +125,11 @@ class PretrainModule(L.LightningModule):
             optimizer, lambda step: warmup_cosine(step, warmup, total, min_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def create_optimizer(self, groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
+        """The optimiser over timm's weight-decay ``groups`` (no decay for biases, norms, tokens):
+        AdamW with ``betas`` here; methods whose paper uses another one override this."""
+        return torch.optim.AdamW(groups, lr=lr, betas=self.betas)
 
     def check_finite(self, loss: torch.Tensor, name: str = "loss") -> torch.Tensor:
         """Return ``loss``, or raise ``FloatingPointError`` naming the step when it is NaN/inf."""

@@ -1,0 +1,345 @@
+"""SparK's sparse encoder: a plain timm ConvNet that computes only on the visible (active) sites.
+
+SparK (Tian et al., ICLR 2023, arXiv 2301.03580, Sec. 3.1 "Sparse masked modeling") treats the
+unmasked pixels as sparse voxels: every convolution, pooling and normalisation sees only the
+active sites, so the ConvNet never meets the "mask pattern" a dense zero-filled image would show.
+Batch normalisation takes its statistics from the active sites only (Sec. 3.1, "sparse BN").
+
+How it runs here: the timm model stays a plain, unmodified timm model (no module swap, no
+patching). For one forward :class:`SparseEncoder` enters :func:`active_sites`, a
+``TorchFunctionMode`` that holds the mask and intercepts the functional ops the model calls:
+
+- ``conv2d`` / ``linear`` (on ``(B, H, W, C)`` maps) / ``layer_norm`` / pooling: output zeroed
+  outside the active set at that scale (backend ``"masked"``, the official approach: dense
+  convolution, then re-masking, official ``pretrain/encoder.py``), or, for ``conv2d`` with backend
+  ``"spconv"``, a true sparse convolution on the active sites (:mod:`mim.backbones.spconv_backend`);
+- ``batch_norm``: mean and variance over the active sites only, reduced across ranks under DDP.
+
+Every layer keeps the invariant "zero outside the active sites", so the elementwise ops in between
+(activations, residual additions, layer scale, drop path) need no handling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Literal
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from mim.backbones.vit import check_model_name
+from mim.errors import ConfigError
+
+Backend = Literal["masked", "spconv"]
+BACKENDS = ("masked", "spconv")
+#: Strides of the four feature maps SparK densifies and decodes (paper Sec. 3.2, Fig. 3).
+FEATURE_STRIDES = (4, 8, 16, 32)
+#: Stride of the mask grid: one mask cell per stride-32 feature site (paper Sec. 3.1).
+MASK_STRIDE = FEATURE_STRIDES[-1]
+#: Norm layers whose statistics mix spatial positions in a way the active-site rule does not cover.
+_UNSUPPORTED_NORMS = (nn.GroupNorm, nn.InstanceNorm2d, nn.LocalResponseNorm)
+
+#: ``conv2d(input, weight, bias, stride, padding, dilation, groups, sites)`` replacing the dense one.
+SparseConv = Callable[..., torch.Tensor]
+
+
+def upsample_active(active: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Nearest-neighbour upsampling of an active map to ``size``: ``(B, 1, h, w)`` -> ``(B, 1, H, W)``.
+
+    Raises:
+        ValueError: ``size`` is not an integer multiple of the mask grid.
+    """
+    (h, w), (big_h, big_w) = active.shape[-2:], tuple(size)
+    if big_h % h or big_w % w:
+        raise ValueError(
+            f"a {big_h}x{big_w} feature map is not a multiple of the {h}x{w} mask grid; the input "
+            f"side must be divisible by {MASK_STRIDE}."
+        )
+    return active.repeat_interleave(big_h // h, dim=2).repeat_interleave(big_w // w, dim=3)
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and (
+        torch.distributed.get_world_size() > 1
+    )
+
+
+def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    """Differentiable sum over ranks (the backward sums the gradients too)."""
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(tensor)
+
+
+class _ActiveSites(TorchFunctionMode):
+    """Function mode holding the active map for one forward; see the module docstring."""
+
+    def __init__(self, active: torch.Tensor, conv: SparseConv | None, sync_stats: bool) -> None:
+        super().__init__()
+        self.active, self.conv, self.sync_stats = active, conv, sync_stats
+        self._masks: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._conv_cache: dict[str, Any] = {}  # per-forward state of the sparse conv (index pairs)
+        self._handlers = {
+            F.conv2d: self._conv2d,
+            F.batch_norm: self._batch_norm,
+            F.layer_norm: self._channels_last,
+            F.linear: self._channels_last,
+            F.max_pool2d: self._channels_first,
+            F.avg_pool2d: self._channels_first,
+        }
+
+    # -- masks at every scale -------------------------------------------------------------------
+    def sites(self, size: Sequence[int], dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``(B, 1, H, W)`` active map at spatial ``size``: bool, or ``dtype`` (cached per forward)."""
+        key = (tuple(size), dtype)
+        if key not in self._masks:
+            mask = upsample_active(self.active, size)
+            self._masks[key] = mask if dtype is None else mask.to(dtype)
+        return self._masks[key]
+
+    def _mask_nchw(self, out: torch.Tensor) -> torch.Tensor:
+        return out.mul_(self.sites(out.shape[-2:], out.dtype))
+
+    def _mask_nhwc(self, out: torch.Tensor) -> torch.Tensor:
+        return out.mul_(self.sites(out.shape[1:3], out.dtype).permute(0, 2, 3, 1))
+
+    # -- handlers -------------------------------------------------------------------------------
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        handler = self._handlers.get(func)
+        if handler is None:
+            return func(*args, **(kwargs or {}))
+        return handler(func, *args, **(kwargs or {}))
+
+    def _conv2d(self, func: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.conv is not None:
+            return self.conv(*args, sites=self.sites, cache=self._conv_cache, **kwargs)
+        return self._mask_nchw(func(*args, **kwargs))
+
+    def _channels_first(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+        out = func(*args, **kwargs)
+        if isinstance(out, tuple):  # max_pool2d(return_indices=True)
+            return (self._mask_nchw(out[0]), *out[1:])
+        return self._mask_nchw(out)
+
+    def _channels_last(self, func: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = func(*args, **kwargs)
+        # (B, H, W, C) maps (ConvNeXt's LayerNorm and MLP); other shapes are not spatial.
+        return self._mask_nhwc(out) if out.ndim == 4 else out
+
+    def _batch_norm(
+        self,
+        func: Any,
+        input: torch.Tensor,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        weight: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        training: bool = False,
+        momentum: float = 0.1,
+        eps: float = 1e-5,
+    ) -> torch.Tensor:
+        if not training and running_mean is not None:  # running statistics: per-site affine map
+            out = func(input, running_mean, running_var, weight, bias, training, momentum, eps)
+            return self._mask_nchw(out)
+        return masked_batch_norm(
+            input, self.sites(input.shape[-2:], input.dtype), running_mean, running_var,
+            weight, bias, momentum, eps, sync=self.sync_stats and _distributed(),
+        )  # fmt: skip
+
+
+def masked_batch_norm(
+    x: torch.Tensor,
+    sites: torch.Tensor,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    sync: bool = False,
+) -> torch.Tensor:
+    """Batch normalisation with statistics over the active sites only (SparK Sec. 3.1, sparse BN).
+
+    Args:
+        x: ``(B, C, H, W)`` float (any float dtype; statistics in float32), zero outside the
+            active sites.
+        sites: ``(B, 1, H, W)`` float in {0, 1}, 1 = active.
+        running_mean, running_var: ``(C,)`` buffers updated in place (unbiased variance, as
+            ``nn.BatchNorm2d``), or ``None``.
+        weight, bias: ``(C,)`` affine parameters or ``None``.
+        momentum: running-average factor (``nn.BatchNorm2d`` passes its effective factor).
+        eps: added to the variance.
+        sync: sum the counts and moments over all ranks (differentiably), as ``SyncBatchNorm``.
+
+    Returns:
+        ``(B, C, H, W)``, zero outside the active sites. Equals ``BatchNorm1d`` on the gathered
+        active feature vectors (the official ``SparseBatchNorm2d``) without gathering.
+
+    A batch without any active site gives zeros (the count is clamped to 1; no host sync).
+    """
+    dtype, x, sites = x.dtype, x.float(), sites.float()  # statistics in float32 (also under autocast)
+    count = sites.sum()
+    total = x.sum(dim=(0, 2, 3))
+    if sync:
+        both = _all_reduce(torch.cat([total, count.reshape(1)]))
+        total, count = both[:-1], both[-1]
+    count = count.clamp_min(1)
+    mean = total / count
+    centred = (x - mean[None, :, None, None]).mul_(sites)
+    sq = centred.square().sum(dim=(0, 2, 3))
+    if sync:
+        sq = _all_reduce(sq)
+    var = sq / count
+    if running_mean is not None and running_var is not None:
+        with torch.no_grad():
+            factor = 0.1 if momentum is None else momentum
+            unbiased = var * (count / (count - 1).clamp_min(1))
+            running_mean.lerp_(mean.to(running_mean.dtype), factor)
+            running_var.lerp_(unbiased.to(running_var.dtype), factor)
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
+    out = centred * scale[None, :, None, None]
+    if bias is not None:
+        out = out.add_(bias[None, :, None, None]).mul_(sites)
+    return out.to(dtype)
+
+
+@contextlib.contextmanager
+def active_sites(
+    active: torch.Tensor, conv: SparseConv | None = None, sync_stats: bool = True
+) -> Iterator[Callable[..., torch.Tensor]]:
+    """Run the enclosed torch code sparsely on the active sites of ``active``.
+
+    Args:
+        active: ``(B, 1, h, w)`` bool, ``True`` = visible, on the coarsest grid; every feature map
+            inside must have a size that is a multiple of ``(h, w)``.
+        conv: replacement for dense ``conv2d`` (the spconv backend); ``None`` = dense + re-mask.
+        sync_stats: reduce batch-norm statistics across ranks when running distributed.
+
+    Yields:
+        ``sites(size, dtype=None)``, the active map at any spatial size.
+    """
+    mode = _ActiveSites(active, conv, sync_stats)
+    with mode:
+        yield mode.sites
+
+
+def check_convnet(model: nn.Module, name: str) -> list[int]:
+    """Indices of ``model.feature_info`` at strides 4, 8, 16 and 32 (for ``forward_intermediates``).
+
+    Raises:
+        ConfigError: the model has no feature at one of those strides (e.g. a ViT), or a norm layer
+            whose statistics cannot be restricted to the active sites (GroupNorm, InstanceNorm).
+    """
+    info = getattr(model, "feature_info", None) or []
+    reductions = [f.get("reduction") for f in info]
+    if any(s not in reductions for s in FEATURE_STRIDES) or not hasattr(model, "forward_intermediates"):
+        raise ConfigError(
+            f"SparK needs a ConvNet with 4 feature scales at strides {FEATURE_STRIDES}, but timm's "
+            f"'{name}' has feature strides {reductions}. Fix: use a timm ResNet or ConvNeXt, e.g. "
+            "resnet18, resnet50, convnext_atto (ViTs belong to MAE / ColorMAE / CAE / MixedAE)."
+        )
+    for module_name, module in model.named_modules():
+        if isinstance(module, _UNSUPPORTED_NORMS):
+            raise ConfigError(
+                f"'{name}' uses {type(module).__name__} ({module_name}), whose statistics SparK cannot "
+                "restrict to the visible sites. Fix: choose a backbone with BatchNorm or LayerNorm."
+            )
+    return [max(i for i, r in enumerate(reductions) if r == s) for s in FEATURE_STRIDES]
+
+
+def create_convnet(name: str, **kwargs: Any) -> nn.Module:
+    """A randomly initialised timm ConvNet without head (``num_classes=0``) for SparK.
+
+    Raises:
+        ConfigError: unknown name, or a model without the 4 feature scales (see :func:`check_convnet`).
+    """
+    check_model_name(name, example="resnet18, resnet50, convnext_atto", pattern="resnet*")
+    model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    check_convnet(model, name)
+    return model
+
+
+class SparseEncoder(nn.Module):
+    """A timm ConvNet that encodes only the active sites, returning SparK's 4 feature maps.
+
+    Args:
+        model: a plain timm ConvNet (ResNet, ConvNeXt, ...) with features at strides 4/8/16/32;
+            it is used as is and stays loadable with ``timm.create_model``.
+        backend: ``"masked"`` (dense conv + re-masking, the official simulation) or ``"spconv"``
+            (submanifold / strided sparse convolutions from spconv with the same weights; needs
+            ``pip install 'mim-lightning[sparse]'``; no grouped or depthwise convolution).
+        sync_stats: under DDP, reduce the sparse batch-norm statistics across ranks (official
+            ``SparseSyncBatchNorm2d``).
+
+    Raises:
+        ConfigError: bad ``backend``, a model without 4 feature scales, ``"spconv"`` without spconv
+            installed or with a grouped convolution (ConvNeXt).
+    """
+
+    def __init__(self, model: nn.Module, backend: Backend = "masked", sync_stats: bool = True) -> None:
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+        name = getattr(model, "default_cfg", {}).get("architecture", type(model).__name__)
+        self.out_indices = check_convnet(model, name)
+        self.model, self.backend, self.sync_stats = model, backend, sync_stats
+        self.channels = [model.feature_info[i]["num_chs"] for i in self.out_indices]
+        self._conv: SparseConv | None = None
+        if backend == "spconv":
+            from mim.backbones.spconv_backend import check_spconv_model, spconv_conv2d
+
+            check_spconv_model(model, name)
+            self._conv = spconv_conv2d
+
+    def forward(self, imgs: torch.Tensor, active: torch.Tensor) -> list[torch.Tensor]:
+        """Encode the visible part of ``imgs``.
+
+        Args:
+            imgs: ``(B, C, H, W)`` float, ``H`` and ``W`` divisible by 32.
+            active: ``(B, 1, H/32, W/32)`` bool, ``True`` = visible (SparK's "active" sites).
+
+        Returns:
+            4 maps ``(B, C_i, H/s, W/s)`` for ``s`` = 4, 8, 16, 32, zero outside the active sites.
+
+        Raises:
+            ValueError: ``H`` or ``W`` not divisible by 32, or ``active`` of the wrong shape.
+        """
+        check_input(imgs, active)
+        x = imgs * upsample_active(active, imgs.shape[-2:]).to(imgs.dtype)
+        with active_sites(active, self._conv, self.sync_stats):
+            return self.model.forward_intermediates(x, indices=self.out_indices, intermediates_only=True)
+
+
+def check_input(imgs: torch.Tensor, active: torch.Tensor | None = None) -> None:
+    """Raise ``ValueError`` unless ``imgs (B, C, H, W)`` has sides divisible by 32 and ``active`` (when
+    given) is the matching ``(B, 1, H/32, W/32)`` bool grid."""
+    height, width = imgs.shape[-2:]
+    if imgs.ndim != 4 or height % MASK_STRIDE or width % MASK_STRIDE:
+        raise ValueError(
+            f"SparK needs (B, C, H, W) images with H and W divisible by {MASK_STRIDE}, got "
+            f"{tuple(imgs.shape)}. Fix: set --data.img_size and --model.img_size to a multiple of "
+            f"{MASK_STRIDE} (e.g. 64 for CIFAR's 32 px images, 224 for ImageNet)."
+        )
+    grid = (imgs.shape[0], 1, height // MASK_STRIDE, width // MASK_STRIDE)
+    if active is not None and (tuple(active.shape) != grid or active.dtype != torch.bool):
+        raise ValueError(f"active must be a bool tensor of shape {grid}, got {active.dtype} {tuple(active.shape)}.")
+
+
+__all__ = [
+    "BACKENDS",
+    "FEATURE_STRIDES",
+    "MASK_STRIDE",
+    "SparseEncoder",
+    "active_sites",
+    "check_convnet",
+    "check_input",
+    "create_convnet",
+    "masked_batch_norm",
+    "upsample_active",
+]
