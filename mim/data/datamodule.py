@@ -46,11 +46,12 @@ def _seed_worker(worker_id: int) -> None:
 class ImageDataModule(L.LightningDataModule):
     """Image classification data for masked-image-model pretraining and evaluation.
 
-    Batches are ``(imgs, labels)``: ``imgs`` (B, 3, img_size, img_size) float32, normalized per
+    Batches are ``(imgs, labels)`` (``(imgs, labels, indices)`` with ``return_index``): ``imgs`` (B, 3, img_size, img_size) float32, normalized per
     channel as ``(pixel / 255 - mean) / std``; ``labels`` (B,) int64 class indices (-1 for unlabeled
     STL10 images). Train batches use ``train_transform`` (MAE augmentation, He et al. 2021, Sec. A.1)
-    and drop the last incomplete batch; val / test / predict all use the val split (CIFAR's and
-    STL10's test set, ImageFolder's ``val`` folder) with the deterministic ``eval_transform``.
+    and drop the last incomplete batch; val / test use the val split (CIFAR's and STL10's test set,
+    ImageFolder's ``val`` folder) with the deterministic ``eval_transform``; predict serves
+    ``predict_split``.
 
     Args:
         dataset: one of ``cifar10``, ``cifar100``, ``stl10``, ``imagefolder``.
@@ -75,6 +76,11 @@ class ImageDataModule(L.LightningDataModule):
             / (0.2673, 0.2564, 0.2762), STL10 and imagefolder ImageNet's).
         train_split: stl10 only: ``train`` (default), ``test``, ``unlabeled`` or ``train+unlabeled``.
         seed: seed of the ``fraction`` subset.
+        train_augment: ``False`` gives the train split the deterministic eval transform (feature
+            caching, extraction of train features).
+        return_index: batches become ``(imgs, labels, indices)``, ``indices`` (B,) int64 positions of
+            the images in their split (stable across subsets and workers).
+        predict_split: the split ``predict_dataloader`` serves, ``"val"`` or ``"train"``.
 
     Raises:
         mim.errors.ConfigError (a ValueError): invalid arguments (in ``__init__``).
@@ -101,6 +107,9 @@ class ImageDataModule(L.LightningDataModule):
         std: tuple[float, float, float] | None = None,
         train_split: str | None = None,
         seed: int = 0,
+        train_augment: bool = True,
+        return_index: bool = False,
+        predict_split: str = "val",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -132,6 +141,8 @@ class ImageDataModule(L.LightningDataModule):
             raise ConfigError(
                 f"train_split is for stl10 only, one of {', '.join(STL10_SPLITS)}; got {train_split!r} for {dataset!r}"
             )
+        if predict_split not in ("train", "val"):
+            raise ConfigError(f"predict_split must be 'train' or 'val', got {predict_split!r}")
         if download and dataset == "imagefolder":
             raise ConfigError("download is for cifar10, cifar100 and stl10; imagefolder data must be placed by hand")
 
@@ -163,7 +174,8 @@ class ImageDataModule(L.LightningDataModule):
             DatasetNotFoundError: the data is missing or its folder tree unusable.
         """
         hp = self.hparams
-        if self.train_set is None and stage in (None, "fit"):
+        wants_train = stage in (None, "fit") or (stage == "predict" and hp.predict_split == "train")
+        if self.train_set is None and wants_train:
             raw = self._raw("train")
             targets = targets_of(raw)
             if hp.limit_per_class is not None:
@@ -172,13 +184,17 @@ class ImageDataModule(L.LightningDataModule):
                 keep = stratified_fraction(targets, hp.fraction, hp.seed)
             else:
                 keep = None
-            tf = train_transform(self.img_size, self.mean, self.std, scale=tuple(hp.crop_scale))
-            tf.set_random_seed(int(torch.randint(2**31, ())))  # follows seed_everything in the main process
-            ds = TransformedDataset(raw, tf)
+            if hp.train_augment:
+                tf = train_transform(self.img_size, self.mean, self.std, scale=tuple(hp.crop_scale))
+                tf.set_random_seed(int(torch.randint(2**31, ())))  # follows seed_everything in the main process
+            else:
+                tf = eval_transform(self.img_size, self.mean, self.std, self.eval_crop_pct)
+            ds = TransformedDataset(raw, tf, return_index=hp.return_index)
             self.train_set = ds if keep is None else Subset(ds, keep)
         if self.val_set is None:
             raw = self._raw("val")
-            ds = TransformedDataset(raw, eval_transform(self.img_size, self.mean, self.std, self.eval_crop_pct))
+            tf = eval_transform(self.img_size, self.mean, self.std, self.eval_crop_pct)
+            ds = TransformedDataset(raw, tf, return_index=hp.return_index)
             limit = hp.val_limit_per_class
             self.val_set = ds if limit is None else Subset(ds, first_per_class(targets_of(raw), limit))
 
@@ -218,5 +234,6 @@ class ImageDataModule(L.LightningDataModule):
         return self._loader(self.val_set, train=False)
 
     def predict_dataloader(self) -> DataLoader:
-        """Same as ``val_dataloader``."""
-        return self._loader(self.val_set, train=False)
+        """The ``predict_split`` (default val) in dataset order, last batch kept (for extraction; with
+        ``predict_split="train"`` the train images get the train pipeline unless ``train_augment=False``)."""
+        return self._loader(self.train_set if self.hparams.predict_split == "train" else self.val_set, train=False)

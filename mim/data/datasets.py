@@ -151,21 +151,24 @@ class TransformedDataset(Dataset):
     """Applies an albumentations pipeline to a raw ``(PIL.Image, label)`` dataset.
 
     Items: ``(img, label)`` with ``img`` the pipeline's ``"image"`` output, here a
-    (3, H, W) float32 tensor, and ``label`` an int (-1 for unlabeled STL10 images).
+    (3, H, W) float32 tensor, and ``label`` an int (-1 for unlabeled STL10 images); with
+    ``return_index``, ``(img, label, index)`` where ``index`` is the image's index in ``dataset``.
     """
 
-    def __init__(self, dataset: Dataset, transform: Callable[..., dict[str, Any]]) -> None:
+    def __init__(self, dataset: Dataset, transform: Callable[..., dict[str, Any]], return_index: bool = False) -> None:
         self.dataset = dataset
         self.transform = transform
+        self.return_index = return_index
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, int, int]:
         img, label = self.dataset[index]
         if img.mode != "RGB":
             img = img.convert("RGB")
-        return self.transform(image=np.asarray(img))["image"], int(label)
+        img = self.transform(image=np.asarray(img))["image"]
+        return (img, int(label), index) if self.return_index else (img, int(label))
 
 
 def targets_of(dataset: Dataset) -> list[int]:

@@ -126,6 +126,13 @@ class PretrainModule(L.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Describe the encoder in the checkpoint (``checkpoint["mim_encoder"]``: timm name, kwargs
+        and its ``state_dict`` prefix), so :func:`mim.eval.encoders.load_encoder_from` can rebuild
+        it from any method's checkpoint without this class."""
+        prefix = next(name for name, module in self.named_modules() if module is self.encoder)
+        checkpoint["mim_encoder"] = {**self.encoder_config, "prefix": prefix}
+
     def create_optimizer(self, groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
         """The optimiser over timm's weight-decay ``groups`` (no decay for biases, norms, tokens):
         AdamW with ``betas`` here; methods whose paper uses another one override this."""

@@ -1,0 +1,157 @@
+"""Encoders to evaluate: an exported file, a ``mim`` checkpoint of any method, or a random-init timm model.
+
+Nothing here unpickles untrusted data: exported weights are safetensors, and Lightning checkpoints
+are read with ``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from mim.backbones.vit import check_model_name
+from mim.errors import UserError
+
+#: Prefix of a ``source`` naming a timm model to build with random weights (the baseline row).
+TIMM_PREFIX = "timm:"
+
+
+class EncoderLoadError(UserError, ValueError):
+    """An encoder file that cannot be used: not safetensors, truncated, or for another model."""
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """Hex SHA-256 of a model's ``state_dict`` (keys in sorted order, their dtypes, shapes and bytes):
+    the same weights give the same hash whatever the file they came from."""
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        value = value.detach().to("cpu").contiguous()
+        digest.update(f"{key}:{value.dtype}:{tuple(value.shape)};".encode())
+        digest.update(value.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
+    names = getattr(model, "pretrained_cfg", {}).get("classifier") or ()
+    names = (names,) if isinstance(names, str) else tuple(names)
+    return tuple(f"{name}." for name in names)
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy ``state`` into ``model``, strictly except for the classifier head (which a fresh
+    ``num_classes`` adds and pretraining never has).
+
+    Raises:
+        EncoderLoadError: a key with another shape (the first one is named), or keys the model
+            lacks / needs (the first of each named).
+    """
+    own = model.state_dict()
+    head = _classifier_prefixes(model)
+    name = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape and not key.startswith(head or ("\0",)):
+            raise EncoderLoadError(
+                f"{source} belongs to another model than '{name}': the first mismatching key '{key}' has "
+                f"shape {tuple(value.shape)} in the file and {tuple(own[key].shape)} in the model. Fix: pass "
+                "the model_name / model_kwargs the encoder was trained with (see its encoder.json)."
+            )
+    missing = [k for k in own if k not in state and not k.startswith(head or ("\0",))]
+    unexpected = [k for k in state if k not in own and not k.startswith(head or ("\0",))]
+    if missing or unexpected:
+        what = f"lacks '{missing[0]}' ({len(missing)} keys)" if missing else ""
+        what += (" and " if missing and unexpected else "") + (
+            f"has '{unexpected[0]}' the model does not ({len(unexpected)} keys)" if unexpected else ""
+        )
+        raise EncoderLoadError(f"{source} does not fit '{name}': the file {what}. Fix: check the model name and kwargs.")
+    kept = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(kept, strict=False)
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise EncoderLoadError(
+            f"{path} is not a readable safetensors file (truncated or another format): {err}. "
+            "Fix: re-export it (mim.callbacks.ExportEncoder / mim.export.save_encoder)."
+        ) from err
+
+
+def _read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle / zip errors come in many types
+        raise EncoderLoadError(f"{path} is not a readable Lightning checkpoint: {err}") from err
+    described = ckpt.get("mim_encoder") if isinstance(ckpt, dict) else None
+    if not described:
+        raise EncoderLoadError(
+            f"{path} has no 'mim_encoder' entry, so its encoder cannot be told apart from the rest. "
+            "Fix: use a checkpoint written by a mim pretraining run, or its exported encoder.safetensors."
+        )
+    prefix = described["prefix"] + "."
+    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    return described, state
+
+
+def load_encoder_from(
+    source: str | os.PathLike, model_kwargs: dict[str, Any] | None = None, **overrides: Any
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Build a timm encoder from ``source``.
+
+    Args:
+        source: ``<file>.safetensors`` or its ``.json`` (written by ``ExportEncoder``), a ``.ckpt``
+            of any ``mim`` pretraining method, or ``"timm:<model_name>"`` for random weights.
+        model_kwargs: ``timm.create_model`` kwargs for ``"timm:"`` sources (e.g. ``img_size``,
+            ``patch_size``); for files they come from the file.
+        **overrides: kwargs replacing the saved ones (``num_classes=10`` adds a fresh head,
+            ``drop_path_rate=0.1``).
+
+    Returns:
+        ``(model, info)``; ``info`` = ``{"model_name", "model_kwargs", "source", "weights_sha256"}``
+        (the hash of the loaded weights, before any new head).
+
+    Raises:
+        FileNotFoundError: a missing file.
+        EncoderLoadError: a file that is not safetensors / a readable checkpoint, is truncated, or
+            belongs to another model (the first mismatching key is named).
+        ConfigError: an unknown timm model name.
+    """
+    text = str(source)
+    if text.startswith(TIMM_PREFIX):
+        name, kwargs, state = text[len(TIMM_PREFIX) :], dict(model_kwargs or {}), None
+    else:
+        path = Path(text)
+        if path.suffix == ".ckpt":
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} does not exist.")
+            described, state = _read_checkpoint(path)
+            name, kwargs = described["model_name"], dict(described["model_kwargs"])
+        else:
+            weights, meta = path.with_suffix(".safetensors"), path.with_suffix(".json")
+            for p in (weights, meta):
+                if not p.is_file():
+                    raise FileNotFoundError(f"{p} does not exist; export writes <name>.safetensors and <name>.json together.")
+            config = json.loads(meta.read_text())
+            name, kwargs, state = config["model_name"], dict(config["model_kwargs"]), _read_safetensors(weights)
+    check_model_name(name, example="vit_tiny_patch16_224 or resnet18", pattern="*")
+    model = timm.create_model(name, pretrained=False, **{**kwargs, "num_classes": 0})
+    if state is not None:
+        load_weights(model, state, text)
+    info = {"model_name": name, "model_kwargs": kwargs, "source": text, "weights_sha256": weights_sha256(model)}
+    if overrides:
+        fresh = timm.create_model(name, pretrained=False, **{**kwargs, **overrides})
+        load_weights(fresh, model.state_dict(), text)
+        model = fresh
+    return model, info
+
+
+__all__ = ["EncoderLoadError", "TIMM_PREFIX", "load_encoder_from", "load_weights", "weights_sha256"]
