@@ -13,6 +13,7 @@ from timm.optim import Lamb
 from mim.backbones.sparse import SparseEncoder, create_convnet, masked_batch_norm, upsample_active
 from mim.cli import cli_main
 from mim.errors import ConfigError
+from mim.eval.encoders import load_encoder_from, weights_sha256
 from mim.export import load_encoder, save_encoder
 from mim.methods import SparK
 from mim.methods.spark import cosine_weight_decay
@@ -253,6 +254,8 @@ def test_fit_from_yaml_with_probes_export_lamb_and_clipping(config, backend, tmp
     decays = sorted(g["weight_decay"] for g in optimizer.param_groups)
     assert decays[0] == 0.0 and decays[-1] == pytest.approx(cosine_weight_decay(2, 3, 0.04, 0.2))
     assert clips == [{"gradient_clip_val": 5.0, "gradient_clip_algorithm": "norm"}] * 3
+    from_ckpt, info = load_encoder_from(cli.trainer.checkpoint_callback.last_model_path)  # weights_only load
+    assert info["weights_sha256"] == weights_sha256(cli.model.encoder) == weights_sha256(from_ckpt)
     timm_model = load_encoder(log_dir / "encoder.safetensors").eval()
     ones = torch.ones(2, 1, 2, 2, dtype=torch.bool)
     imgs = torch.randn(2, 3, 64, 64)

@@ -82,7 +82,7 @@ class _ActiveSites(TorchFunctionMode):
         super().__init__()
         self.active, self.conv, self.sync_stats = active, conv, sync_stats
         self._masks: dict[tuple[Any, ...], torch.Tensor] = {}
-        self._conv_cache: dict[str, Any] = {}  # per-forward state of the sparse conv (index pairs)
+        self._conv_cache: dict[Any, Any] = {}  # per-forward state of the sparse conv (index pairs)
         self._handlers = {
             F.conv2d: self._conv2d,
             F.batch_norm: self._batch_norm,

@@ -123,19 +123,19 @@ def _padding(padding: Any, kernel: tuple[int, int], stride: tuple[int, int], dil
     return _pair(padding)
 
 
-_MODULES: dict[tuple[Any, ...], nn.Module] = {}
-
-
-def _spconv_module(spconv: Any, cin: int, cout: int, kernel: Any, stride: Any, padding: Any, dilation: Any, subm: bool) -> nn.Module:
-    """A weight-less template spconv module per configuration (its weight is substituted per call)."""
-    key = (cin, cout, kernel, stride, padding, dilation, subm)
-    if key not in _MODULES:
+def _spconv_module(
+    spconv: Any, cache: dict[Any, Any], cin: int, cout: int, kernel: Any, stride: Any, padding: Any, dilation: Any, subm: bool
+) -> nn.Module:
+    """A template spconv module per configuration, kept in the per-forward ``cache`` (its weight is
+    substituted by the timm weight at every call)."""
+    key = ("module", cin, cout, kernel, stride, padding, dilation, subm)
+    if key not in cache:
         if subm:  # index pairs cached per active set (the tensor's indice_dict) and kernel
             module = spconv.SubMConv2d(cin, cout, kernel, dilation=dilation, bias=False, indice_key=f"subm{kernel}{dilation}")
         else:
             module = spconv.SparseConv2d(cin, cout, kernel, stride=stride, padding=padding, dilation=dilation, bias=False)
-        _MODULES[key] = module
-    return _MODULES[key]
+        cache[key] = module
+    return cache[key]
 
 
 def spconv_conv2d(
@@ -148,7 +148,7 @@ def spconv_conv2d(
     groups: int = 1,
     *,
     sites: Callable[..., torch.Tensor],
-    cache: dict[str, Any],
+    cache: dict[Any, Any],
 ) -> torch.Tensor:
     """``F.conv2d`` computed by spconv on the active sites of ``input``; same arguments.
 
@@ -156,7 +156,8 @@ def spconv_conv2d(
         input: ``(B, C_in, H, W)`` float, zero outside the active sites.
         weight: ``(C_out, C_in, kh, kw)`` timm conv weight (gradients flow to it).
         sites: ``sites(size)`` -> ``(B, 1, h, w)`` bool active map at any scale.
-        cache: per-forward dict; submanifold index pairs are shared between convolutions with the
+        cache: per-forward dict (held by the function mode, dropped after the forward): the spconv
+            module templates, and the submanifold index pairs shared between convolutions with the
             same active set and kernel (spconv's ``indice_key``).
 
     Returns:
@@ -187,7 +188,7 @@ def spconv_conv2d(
             weight_krsc = _BackwardThreads.apply(weight_krsc, threads)
         dict_key = f"pairs{height}x{width}"
         tensor = spconv.SparseConvTensor(feats, indices, [height, width], batch, indice_dict=cache.setdefault(dict_key, {}))
-        module = _spconv_module(spconv, weight.shape[1], weight.shape[0], kernel, stride, padding, dilation, subm)
+        module = _spconv_module(spconv, cache, weight.shape[1], weight.shape[0], kernel, stride, padding, dilation, subm)
         params = {"weight": weight_krsc}
         with one_thread() if on_cpu else contextlib.nullcontext():
             out = torch.func.functional_call(module, params, (tensor,))

@@ -57,15 +57,16 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) 
     own = model.state_dict()
     head = _classifier_prefixes(model)
     name = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
-    for key, value in state.items():
-        if key in own and own[key].shape != value.shape and not key.startswith(head or ("\0",)):
+    for key, expected in own.items():  # in the model's order, so "first" means first layer
+        value = state.get(key)
+        if value is not None and expected.shape != value.shape and not key.startswith(head):
             raise EncoderLoadError(
                 f"{source} belongs to another model than '{name}': the first mismatching key '{key}' has "
-                f"shape {tuple(value.shape)} in the file and {tuple(own[key].shape)} in the model. Fix: pass "
+                f"shape {tuple(value.shape)} in the file and {tuple(expected.shape)} in the model. Fix: pass "
                 "the model_name / model_kwargs the encoder was trained with (see its encoder.json)."
             )
-    missing = [k for k in own if k not in state and not k.startswith(head or ("\0",))]
-    unexpected = [k for k in state if k not in own and not k.startswith(head or ("\0",))]
+    missing = [k for k in own if k not in state and not k.startswith(head)]
+    unexpected = [k for k in state if k not in own and not k.startswith(head)]
     if missing or unexpected:
         what = f"lacks '{missing[0]}' ({len(missing)} keys)" if missing else ""
         what += (" and " if missing and unexpected else "") + (
