@@ -7,7 +7,7 @@ from mim.backbones.vit import create_vit, encode_visible
 from mim.errors import ConfigError
 from mim.masking import RandomMask
 from mim.methods import MAE
-from mim.methods.base import warmup_cosine
+from mim.optim import warmup_cosine
 from mim.methods.mae import masked_mse, pixel_target
 from mim.patches import visible_ids
 

@@ -1,7 +1,23 @@
-"""Evaluation of learned encoders: online probes during pretraining, kNN, feature pooling."""
+"""Evaluation of learned encoders: online probes during pretraining; offline linear probe, kNN and
+fine-tuning of encoders loaded from exports, checkpoints or timm names."""
 
+from mim.eval.encoders import EncoderLoadError, load_encoder_from
 from mim.eval.features import pooled_features
-from mim.eval.knn import weighted_knn_scores
+from mim.eval.finetune import FineTune
+from mim.eval.knn import knn_top1, weighted_knn_scores
+from mim.eval.knn_eval import KNNEval
+from mim.eval.linear_probe import LinearProbe
 from mim.eval.online import OnlineKNN, OnlineLinearProbe
 
-__all__ = ["OnlineKNN", "OnlineLinearProbe", "pooled_features", "weighted_knn_scores"]
+__all__ = [
+    "EncoderLoadError",
+    "FineTune",
+    "KNNEval",
+    "LinearProbe",
+    "OnlineKNN",
+    "OnlineLinearProbe",
+    "knn_top1",
+    "load_encoder_from",
+    "pooled_features",
+    "weighted_knn_scores",
+]

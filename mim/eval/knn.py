@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torchmetrics.functional.classification import multiclass_accuracy
 
 
 def weighted_knn_scores(
@@ -45,3 +46,30 @@ def weighted_knn_scores(
         votes = torch.zeros(chunk.shape[0], num_classes, device=chunk.device)
         scores.append(votes.scatter_add_(1, bank_labels[idx], weights))
     return torch.cat(scores)
+
+
+def knn_top1(
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    queries: torch.Tensor,
+    query_labels: torch.Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+) -> float:
+    """Weighted-kNN top-1 accuracy in [0, 1] of ``queries`` against ``bank``
+    (:func:`weighted_knn_scores`).
+
+    Args:
+        bank, bank_labels: ``(N, D)`` float features and ``(N,)`` int64 labels; entries with a label
+            ``< 0`` (unlabelled images) do not vote.
+        queries, query_labels: ``(Q, D)`` and ``(Q,)``; queries labelled ``< 0`` are not counted.
+        num_classes, k, temperature: as :func:`weighted_knn_scores`.
+
+    Raises:
+        ValueError: no labelled bank entry.
+    """
+    keep = bank_labels >= 0
+    scores = weighted_knn_scores(bank[keep], bank_labels[keep], queries, num_classes, k, temperature)
+    acc = multiclass_accuracy(scores, query_labels, num_classes, average="micro", ignore_index=-1)
+    return float(acc)

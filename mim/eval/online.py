@@ -18,7 +18,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from mim.eval.features import Pool, frozen_features, pool_tokens
-from mim.eval.knn import weighted_knn_scores
+from mim.eval.knn import knn_top1
 
 
 def _num_classes(num_classes: int | None, trainer: L.Trainer, who: str) -> int:
@@ -256,9 +256,5 @@ class OnlineKNN(L.Callback):
         self.queries, self.query_labels = [], []
         if not bool(keep.any()):
             return
-        scores = weighted_knn_scores(
-            bank[keep], bank_labels[keep], queries, self.num_classes, self.k, self.temperature
-        )
-        top1 = MulticlassAccuracy(self.num_classes, average="micro", ignore_index=-1).to(scores.device)
-        top1.update(scores, query_labels)
-        pl_module.log(f"{self.name}/val_top1", top1.compute(), prog_bar=True)
+        top1 = knn_top1(bank, bank_labels, queries, query_labels, self.num_classes, self.k, self.temperature)
+        pl_module.log(f"{self.name}/val_top1", top1, prog_bar=True)

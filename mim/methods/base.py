@@ -6,7 +6,6 @@ Nothing else lives here: each method writes its own forward and loss in its own 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning as L
@@ -15,23 +14,11 @@ from timm.optim import param_groups_weight_decay
 
 from mim.backbones.vit import create_vit
 from mim.errors import ConfigError
+from mim.optim import scaled_lr, warmup_cosine_scheduler
 
 #: Parameters that never get weight decay, besides biases and 1-D (norm) parameters
 #: (MAE's ``optim_factory.param_groups_weight_decay`` with the model's ``no_weight_decay()``).
 NO_WEIGHT_DECAY = ("*pos_embed", "*cls_token", "*reg_token", "*dist_token", "*mask_token")
-
-
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
-    """Learning-rate multiplier at ``step``: linear warmup, then half-cycle cosine to ``min_ratio``.
-
-    MAE (He et al. 2021, arXiv 2111.06377, Appendix A.1: "cosine decay", "warmup epochs 40"),
-    applied per step as in the official ``util/lr_sched.py``.
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    progress = min(progress, 1.0)
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class PretrainModule(L.LightningModule):
@@ -101,30 +88,13 @@ class PretrainModule(L.LightningModule):
                 f"Fix: set --model.img_size {data_size} (or --data.img_size {model_size})."
             )
 
-    def effective_batch_size(self) -> int:
-        """``batch_size * accumulate_grad_batches * world_size`` of the running trainer."""
-        trainer = self.trainer
-        batch_size = getattr(trainer.datamodule, "batch_size", None)
-        if batch_size is None:
-            raise ConfigError(
-                "cannot scale blr by the batch size: the datamodule has no `batch_size`. "
-                "Fix: give the learning rate directly with --model.lr."
-            )
-        return batch_size * trainer.accumulate_grad_batches * trainer.world_size
-
     def configure_optimizers(self) -> dict[str, Any]:
-        lr = self.lr if self.lr is not None else self.blr * self.effective_batch_size() / 256
+        lr = scaled_lr(self.blr, self.lr, self.trainer)
         groups = param_groups_weight_decay(self, self.weight_decay, no_weight_decay_list=NO_WEIGHT_DECAY)
         optimizer = self.create_optimizer(groups, lr)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else None
-        steps_per_epoch = total / epochs if epochs else total
-        warmup = min(total, round(self.warmup_epochs * steps_per_epoch))
         min_ratio = self.min_lr / lr if lr > 0 else 0.0
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup, total, min_ratio)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        schedule = warmup_cosine_scheduler(optimizer, self.trainer, self.warmup_epochs, min_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Describe the encoder in the checkpoint (``checkpoint["mim_encoder"]``: timm name, kwargs
