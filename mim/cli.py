@@ -18,6 +18,7 @@ from lightning.pytorch.cli import LightningCLI  # noqa: E402
 import mim.callbacks  # noqa: E402, F401  (imported so short class names resolve)
 import mim.data  # noqa: E402, F401
 import mim.eval  # noqa: E402, F401
+import mim.features  # noqa: E402, F401
 import mim.methods  # noqa: E402, F401
 from mim.data import BadImageError, DatasetNotFoundError  # noqa: E402
 from mim.errors import UserError  # noqa: E402

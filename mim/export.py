@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 
-def _atomic_write(path: Path, write: Any) -> None:
+def atomic_write(path: Path, write: Any) -> None:
     """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -46,9 +46,9 @@ def save_encoder(encoder: nn.Module, config: dict[str, Any], path: str | os.Path
     """
     path = Path(path)
     state = {k: v.detach().to("cpu").contiguous() for k, v in encoder.state_dict().items()}
-    _atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     text = json.dumps({**config, "weights": path.name}, indent=2)
-    _atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(text))
     return path
 
 
@@ -75,4 +75,4 @@ def load_encoder(path: str | os.PathLike, **overrides: Any) -> nn.Module:
     )
 
 
-__all__ = ["load_encoder", "save_encoder"]
+__all__ = ["atomic_write", "load_encoder", "save_encoder"]

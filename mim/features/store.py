@@ -1,0 +1,472 @@
+"""The feature store: frozen encoder features on disk, for probes and sparse autoencoders (issue 5, item 5).
+
+Layout of a store folder::
+
+    metadata.json                 written LAST, atomically: its presence means "complete"
+    rank0-00000.safetensors       shards of exactly ``shard_size`` rows (a rank's last one smaller)
+    rank0-00001.safetensors
+    rank1-00000.safetensors       under DDP every rank writes its own shards
+
+Every shard holds one tensor per token kind (``cls`` (n, d), ``mean`` (n, d), ``patch`` (n, L, d), all of
+the store's ``dtype``) plus ``labels`` (n,) int64 and ``indices`` (n,) int64, the image's index in its
+split. Shards are written to a temporary name in the folder and renamed (``os.replace``).
+
+Row order: a 1-process store reads back in the order it was written (``"order": "written"``). A DDP
+store's ranks each hold an interleaved part of the dataset (Lightning's distributed sampler gives rank
+``r`` positions ``r, r + W, ...``), so the reader merges the rank streams by image index
+(``"order": "index"``; the writer checks that each rank's indices increase). For ``ImageDataModule``
+both orders are the dataset order, so a DDP store reads back exactly like a 1-process store.
+
+Reading is memory-mapped (``safetensors.safe_open``): only the shards being read are loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from mim.errors import UserError
+from mim.export import atomic_write
+
+FORMAT = "mim-feature-store"
+FORMAT_VERSION = 1
+METADATA = "metadata.json"
+#: Token kinds a store can hold, in their canonical order.
+TOKEN_KINDS = ("cls", "mean", "patch")
+#: Metadata fields that must match for a store to be reused: everything except what the run itself
+#: produces (``count``, ``shards``, ``world_size``, ``order``) or what follows from these fields
+#: (``d_model``, ``patch_grid``, ``num_layers``), and the informational ``encoder_source`` (the same
+#: weights under another path are the same encoder: ``encoder.weights_sha256`` decides).
+IDENTITY_KEYS = (
+    "format_version", "encoder", "layer", "tokens", "dtype", "img_size", "dataset", "split", "data", "shard_size",
+)
+OVERWRITE_HINT = (
+    "Fix: extract into another folder (--trainer.callbacks.init_args.path DIR), or replace this store with "
+    "overwrite=True (--trainer.callbacks.init_args.overwrite true)."
+)
+
+
+class FeatureStoreError(UserError, ValueError):
+    """A feature store that cannot be read: incomplete (no ``metadata.json``), a missing or truncated
+    shard, or another format."""
+
+
+class FeatureStoreMismatchError(FeatureStoreError):
+    """A complete store at the target path was written with other settings (the message names the fields)."""
+
+
+class FeatureBatch(NamedTuple):
+    """Rows of a store: ``features`` (n, d) or (n, L, d) in the store's dtype, ``labels`` (n,) int64,
+    ``indices`` (n,) int64 (image index in the split). Flattened patch batches repeat labels and indices
+    once per token."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+
+
+def shard_name(rank: int, number: int) -> str:
+    """File name of shard ``number`` of ``rank``: ``rank{rank}-{number:05d}.safetensors``."""
+    return f"rank{rank}-{number:05d}.safetensors"
+
+
+def read_metadata(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """``metadata.json`` of ``folder`` as a dict, or ``None`` when there is none (absent or incomplete store).
+
+    Raises:
+        FeatureStoreError: the file is not JSON or not a feature store's metadata.
+    """
+    path = Path(folder) / METADATA
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise FeatureStoreError(
+            f"{path} is not readable JSON ({err}). Fix: re-run the extraction with overwrite=True."
+        ) from err
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise FeatureStoreError(f"{path} is not the metadata of a mim feature store. Fix: use another folder.")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise FeatureStoreError(
+            f"{path} has feature-store format version {meta.get('format_version')}; this mim reads version "
+            f"{FORMAT_VERSION}. Fix: re-extract with this version of mim (overwrite=True)."
+        )
+    return meta
+
+
+def as_json(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists), so fresh and stored metadata compare equal."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def identity_diff(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    """The :data:`IDENTITY_KEYS` fields (one level of nesting) that differ, as ``"field: store X, this run Y"``."""
+    diffs = []
+    for key in IDENTITY_KEYS:
+        old, new = as_json(stored.get(key)), as_json(wanted.get(key))
+        if isinstance(old, dict) and isinstance(new, dict):
+            diffs += [
+                f"{key}.{k}: store {old.get(k)!r}, this run {new.get(k)!r}"
+                for k in sorted(set(old) | set(new))
+                if old.get(k) != new.get(k)
+            ]
+        elif old != new:
+            diffs.append(f"{key}: store {old!r}, this run {new!r}")
+    return diffs
+
+
+def check_existing(folder: str | os.PathLike, identity: Mapping[str, Any], overwrite: bool = False) -> bool:
+    """Whether ``folder`` already holds a complete, readable store with this ``identity`` (then reuse it).
+
+    Read-only. A folder without ``metadata.json`` (absent, or killed mid-write) gives ``False``.
+
+    Raises:
+        FeatureStoreMismatchError: a complete store with other settings (fields named), unless ``overwrite``.
+        FeatureStoreError: a store with this identity but a missing / truncated shard, unless ``overwrite``.
+    """
+    try:
+        stored = read_metadata(folder)
+        if stored is None:
+            return False
+        diffs = identity_diff(stored, identity)
+        if diffs:
+            raise FeatureStoreMismatchError(
+                f"Feature store {folder} was written with other settings ({'; '.join(diffs)}). {OVERWRITE_HINT}"
+            )
+        FeatureStore(folder)  # every shard present with its row count
+        return True
+    except FeatureStoreError:
+        if overwrite:
+            return False
+        raise
+
+
+def clear_store(folder: str | os.PathLike) -> None:
+    """Remove a store's files from ``folder`` (metadata first, so the store is never complete while its
+    shards go), including temporary files of a killed run. Other files are left alone."""
+    folder = Path(folder)
+    (folder / METADATA).unlink(missing_ok=True)
+    for pattern in ("rank*-*.safetensors", f".{METADATA}.*.tmp", ".rank*-*.safetensors.*.tmp"):
+        for path in folder.glob(pattern):
+            path.unlink(missing_ok=True)
+
+
+def write_metadata(folder: str | os.PathLike, metadata: Mapping[str, Any]) -> Path:
+    """Write ``metadata.json`` atomically (call it only when every shard is complete); returns its path."""
+    path = Path(folder) / METADATA
+    text = json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **metadata}, indent=2, default=str)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return path
+
+
+def _cat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+
+class ShardWriter:
+    """Buffers one rank's rows and writes them as shards of exactly ``shard_size`` rows.
+
+    Args:
+        folder: the store folder (created).
+        rank: this process's global rank (names the shards).
+        shard_size: rows per shard (>= 1).
+        require_ascending: check that image indices strictly increase across :meth:`add` calls (needed
+            by the index-ordered read of a DDP store).
+    """
+
+    def __init__(self, folder: str | os.PathLike, rank: int, shard_size: int, require_ascending: bool = False) -> None:
+        if shard_size < 1:
+            raise FeatureStoreError(f"shard_size must be >= 1, got {shard_size}. Fix: set a positive shard_size.")
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.rank, self.shard_size, self.require_ascending = rank, shard_size, require_ascending
+        self.shards: list[dict[str, Any]] = []
+        self._pending: list[dict[str, torch.Tensor]] = []
+        self._rows = 0
+        self._last_index: int | None = None
+
+    def add(self, rows: Mapping[str, torch.Tensor]) -> None:
+        """Buffer ``rows`` (``labels``, ``indices`` and token tensors, all with the same first dim) and write
+        every full shard.
+
+        Raises:
+            FeatureStoreError: ``labels`` / ``indices`` missing, or (with ``require_ascending``) indices
+                that do not increase.
+        """
+        if "labels" not in rows or "indices" not in rows:
+            raise FeatureStoreError(
+                "Feature rows need 'labels' and 'indices'. Fix: set --data.init_args.return_index true."
+            )
+        indices = rows["indices"]
+        if self.require_ascending and len(indices):
+            first_ok = self._last_index is None or int(indices[0]) > self._last_index
+            if not first_ok or bool((indices[1:] <= indices[:-1]).any()):
+                raise FeatureStoreError(
+                    "DDP extraction needs every rank's images in increasing index order (the store is read back "
+                    "merged by index). Fix: use a predict dataloader without shuffling, or extract on 1 device."
+                )
+            self._last_index = int(indices[-1])
+        self._pending.append({k: v.detach().to("cpu") for k, v in rows.items()})
+        self._rows += len(indices)
+        while self._rows >= self.shard_size:
+            self._write(self.shard_size)
+
+    def _write(self, n: int) -> None:
+        rows = _cat(self._pending)
+        shard = {k: v[:n].contiguous() for k, v in rows.items()}
+        rest = {k: v[n:].clone() for k, v in rows.items()}
+        name = shard_name(self.rank, len(self.shards))
+        atomic_write(self.folder / name, lambda tmp: save_file(shard, tmp, metadata={"format": "pt"}))
+        self.shards.append({"file": name, "rows": n, "rank": self.rank})
+        self._rows -= n
+        self._pending = [rest] if self._rows else []
+
+    def close(self) -> list[dict[str, Any]]:
+        """Write the last (smaller) shard; returns this rank's shards ``[{"file", "rows", "rank"}, ...]``."""
+        if self._rows:
+            self._write(self._rows)
+        return list(self.shards)
+
+
+def _flatten(batch: FeatureBatch) -> FeatureBatch:
+    """``(n, L, d)`` patch rows -> ``(n * L, d)`` token rows, labels and indices repeated per token."""
+    n, tokens = batch.features.shape[:2]
+    return FeatureBatch(
+        batch.features.reshape(n * tokens, -1),
+        batch.labels.repeat_interleave(tokens),
+        batch.indices.repeat_interleave(tokens),
+    )
+
+
+def _concat(parts: list[FeatureBatch]) -> FeatureBatch:
+    return parts[0] if len(parts) == 1 else FeatureBatch(*(torch.cat(p) for p in zip(*parts)))
+
+
+def _take(batch: FeatureBatch, rows: slice | torch.Tensor) -> FeatureBatch:
+    return FeatureBatch(*(t[rows] for t in batch))
+
+
+def _rebatch(chunks: Iterable[FeatureBatch], batch_size: int, drop_last: bool) -> Iterator[FeatureBatch]:
+    """Cut a stream of row chunks into batches of ``batch_size`` rows (the last one smaller unless ``drop_last``).
+
+    Batches inside a chunk are views of it; only a batch spanning chunks is copied."""
+    pending: list[FeatureBatch] = []  # rows carried over, fewer than batch_size
+    count = 0
+    for chunk in chunks:
+        n, start = len(chunk.labels), 0
+        if pending:
+            need = batch_size - count
+            if n < need:
+                pending.append(chunk)
+                count += n
+                continue
+            yield _concat([*pending, _take(chunk, slice(0, need))])
+            start, pending, count = need, [], 0
+        while n - start >= batch_size:
+            yield _take(chunk, slice(start, start + batch_size))
+            start += batch_size
+        if start < n:
+            pending, count = [_take(chunk, slice(start, None))], n - start
+    if pending and not drop_last:
+        yield _concat(pending)
+
+
+class FeatureStore:
+    """Read a complete feature store (see the module docstring for the layout and row order).
+
+    Args:
+        path: the store folder.
+
+    Attributes:
+        metadata: the parsed ``metadata.json``.
+
+    Raises:
+        FeatureStoreError: no folder; no ``metadata.json`` (extraction unfinished or killed mid-write); a
+            listed shard missing, truncated or with another row count (the first such shard is named).
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FeatureStoreError(f"Feature store {self.path} does not exist. Fix: run the extraction (mim predict).")
+        meta = read_metadata(self.path)
+        if meta is None:
+            raise FeatureStoreError(
+                f"Feature store {self.path} is incomplete: it has no {METADATA} (the extraction did not finish, "
+                "e.g. it was killed mid-write). Fix: re-run the extraction; it starts the store over."
+            )
+        self.metadata = meta
+        if sum(s["rows"] for s in meta["shards"]) != meta["count"]:
+            raise FeatureStoreError(
+                f"{self.path / METADATA} lists shards of {sum(s['rows'] for s in meta['shards'])} rows in all but a "
+                f"count of {meta['count']}. Fix: re-extract with overwrite=True."
+            )
+        for shard in meta["shards"]:
+            file = self.path / shard["file"]
+            if not file.is_file():
+                missing = sum(not (self.path / s["file"]).is_file() for s in meta["shards"])
+                raise FeatureStoreError(
+                    f"Feature store {self.path} is missing shard {shard['file']} ({missing} of {len(meta['shards'])} "
+                    "listed shards missing). Fix: restore the file, or re-extract with overwrite=True."
+                )
+            try:
+                with safe_open(file, framework="pt") as f:
+                    rows = f.get_slice("labels").get_shape()[0]
+                    kinds = set(f.keys())
+            except (SafetensorError, OSError) as err:
+                raise FeatureStoreError(
+                    f"Feature store shard {file} is not readable ({err}). Fix: re-extract with overwrite=True."
+                ) from err
+            if rows != shard["rows"] or not set(meta["tokens"]) <= kinds:
+                raise FeatureStoreError(
+                    f"Feature store shard {file} has {rows} rows and tensors {sorted(kinds)}; metadata.json lists "
+                    f"{shard['rows']} rows of {meta['tokens']}. Fix: re-extract with overwrite=True."
+                )
+
+    def __len__(self) -> int:
+        """Number of images (rows) in the store."""
+        return int(self.metadata["count"])
+
+    @property
+    def d_model(self) -> int:
+        """Feature width ``d``."""
+        return int(self.metadata["d_model"])
+
+    @property
+    def tokens(self) -> list[str]:
+        """Token kinds the store holds (subset of :data:`TOKEN_KINDS`)."""
+        return list(self.metadata["tokens"])
+
+    def _check_tokens(self, tokens: str) -> None:
+        if tokens not in self.metadata["tokens"]:
+            raise FeatureStoreError(
+                f"Feature store {self.path} holds {self.metadata['tokens']} tokens, not {tokens!r}. "
+                "Fix: ask for one of those, or re-extract with --model.init_args.tokens including it."
+            )
+
+    def _load(self, shard: Mapping[str, Any], tokens: str) -> FeatureBatch:
+        with safe_open(self.path / shard["file"], framework="pt") as f:
+            return FeatureBatch(f.get_tensor(tokens), f.get_tensor("labels"), f.get_tensor("indices"))
+
+    def _ordered_chunks(self, tokens: str) -> Iterator[FeatureBatch]:
+        """Shards in store order, one loaded at a time per rank; a DDP store's rank streams merged by index."""
+        ranks = sorted({s["rank"] for s in self.metadata["shards"]})
+        streams = [iter([s for s in self.metadata["shards"] if s["rank"] == r]) for r in ranks]
+        if len(streams) == 1:
+            yield from (self._load(s, tokens) for s in streams[0])
+            return
+        heads: dict[int, FeatureBatch] = {}
+        while True:
+            for r, stream in enumerate(streams):  # refill each exhausted buffer from its rank's next shard
+                while r not in heads and stream is not None:
+                    shard = next(stream, None)
+                    if shard is None:
+                        streams[r] = stream = None
+                    elif shard["rows"]:
+                        heads[r] = self._load(shard, tokens)
+            if not heads:
+                return
+            # rows up to the smallest "last index" of the buffers: no later shard can hold a smaller index
+            bound = min(int(b.indices[-1]) for b in heads.values())
+            parts = []
+            for r, b in list(heads.items()):
+                cut = int(torch.searchsorted(b.indices, bound, right=True))
+                parts.append(_take(b, slice(0, cut)))
+                if cut == len(b.indices):
+                    del heads[r]
+                else:
+                    heads[r] = _take(b, slice(cut, None))
+            rows = _concat(parts)
+            yield _take(rows, torch.argsort(rows.indices))
+
+    def read(self, tokens: str = "cls") -> FeatureBatch:
+        """The whole store for one token kind, in store order (for small stores and tests: loads everything).
+
+        Returns:
+            ``features`` (N, d) for cls / mean, (N, L, d) for patch; ``labels``, ``indices`` (N,) int64.
+        """
+        self._check_tokens(tokens)
+        parts = list(self._ordered_chunks(tokens))
+        if not parts:  # a store of 0 images
+            grid = self.metadata.get("patch_grid") or (0, 0)
+            shape = (0, grid[0] * grid[1], self.d_model) if tokens == "patch" else (0, self.d_model)
+            dtype = getattr(torch, self.metadata["dtype"])
+            empty = torch.empty(0, dtype=torch.long)
+            return FeatureBatch(torch.empty(shape, dtype=dtype), empty, empty.clone())
+        return _concat(parts)
+
+    def batches(
+        self,
+        batch_size: int,
+        tokens: str = "patch",
+        shuffle: bool = True,
+        seed: int = 0,
+        buffer_shards: int = 4,
+        flatten: bool = False,
+        drop_last: bool = False,
+    ) -> Iterator[FeatureBatch]:
+        """Stream batches without loading the whole store.
+
+        With ``shuffle``, the shard order is permuted, then ``buffer_shards`` shards at a time are loaded
+        and their rows permuted (a shuffle buffer; at most ``buffer_shards`` shards plus one batch are in
+        memory). Without it, rows come in store order. Every row comes exactly once per call.
+
+        Args:
+            batch_size: rows per batch; with ``flatten``, tokens per batch.
+            tokens: ``"cls"``, ``"mean"`` or ``"patch"``.
+            shuffle: shuffle as above; ``seed`` seeds it (pass the epoch for a new order each epoch).
+            buffer_shards: shards per shuffle buffer (>= 1).
+            flatten: patch tokens as one row per token, ``(batch_size, d)`` (what an SAE trains on),
+                labels and indices repeated per token.
+            drop_last: drop the last incomplete batch.
+
+        Yields:
+            :class:`FeatureBatch` (features, labels, indices); tensors may be views of a shared buffer.
+
+        Raises:
+            FeatureStoreError: a token kind the store lacks, ``flatten`` without patch tokens, or a
+                non-positive ``batch_size`` / ``buffer_shards``.
+        """
+        self._check_tokens(tokens)
+        if batch_size < 1 or buffer_shards < 1:
+            raise FeatureStoreError(f"batch_size and buffer_shards must be >= 1, got {batch_size}, {buffer_shards}.")
+        if flatten and tokens != "patch":
+            raise FeatureStoreError(f"flatten=True is for patch tokens, not {tokens!r}. Fix: drop flatten.")
+        if shuffle:
+            chunks: Iterable[FeatureBatch] = self._shuffled_chunks(tokens, seed, buffer_shards, flatten)
+        else:
+            chunks = (_flatten(c) if flatten else c for c in self._ordered_chunks(tokens))
+        return _rebatch(chunks, batch_size, drop_last)
+
+    def _shuffled_chunks(self, tokens: str, seed: int, buffer_shards: int, flatten: bool) -> Iterator[FeatureBatch]:
+        generator = torch.Generator().manual_seed(seed)
+        shards = self.metadata["shards"]
+        order = torch.randperm(len(shards), generator=generator).tolist()
+        for start in range(0, len(order), buffer_shards):
+            buffer = _concat([self._load(shards[i], tokens) for i in order[start : start + buffer_shards]])
+            buffer = _flatten(buffer) if flatten else buffer
+            yield _take(buffer, torch.randperm(len(buffer.labels), generator=generator))
+
+
+__all__ = [
+    "IDENTITY_KEYS",
+    "TOKEN_KINDS",
+    "FeatureBatch",
+    "FeatureStore",
+    "FeatureStoreError",
+    "FeatureStoreMismatchError",
+    "ShardWriter",
+    "check_existing",
+    "clear_store",
+    "read_metadata",
+    "shard_name",
+    "write_metadata",
+]
