@@ -45,13 +45,24 @@ def test_masked_batch_norm_equals_batchnorm1d_on_gathered_active_sites():
         bn.weight.uniform_(0.5, 2)
         bn.bias.uniform_(-1, 1)
     rm, rv = torch.zeros(8), torch.ones(8)
-    ours = masked_batch_norm(x, sites.float(), rm, rv, bn.weight, bn.bias, 0.1, bn.eps)
-    gathered = x.permute(0, 2, 3, 1)[sites[:, 0]]
+    upstream = torch.randn(4, 8, 12, 12)
+    x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    weight, bias = bn.weight.detach().clone().requires_grad_(), bn.bias.detach().clone().requires_grad_()
+    ours = masked_batch_norm(x_ours, sites.float(), rm, rv, weight, bias, 0.1, bn.eps)
+    (ours * upstream).sum().backward()
+    gathered = x_theirs.permute(0, 2, 3, 1)[sites[:, 0]]
     theirs = torch.zeros_like(x.permute(0, 2, 3, 1))
     theirs[sites[:, 0]] = bn(gathered)
-    torch.testing.assert_close(ours, theirs.permute(0, 3, 1, 2), atol=1e-5, rtol=1e-5)
+    theirs = theirs.permute(0, 3, 1, 2)
+    (theirs * upstream).sum().backward()
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(rm, bn.running_mean)
     torch.testing.assert_close(rv, bn.running_var)
+    # the hand-written backward equals autograd through BatchNorm1d on the gathered rows
+    torch.testing.assert_close(x_ours.grad, x_theirs.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(weight.grad, bn.weight.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(bias.grad, bn.bias.grad, atol=1e-5, rtol=1e-5)
+    ours, theirs = ours.detach(), theirs.detach()
     # and not what a dense BN over the zero-filled map gives
     dense = F.batch_norm(x, None, None, bn.weight, bn.bias, True) * sites
     assert (dense - ours).abs().max() > 0.1

@@ -68,11 +68,60 @@ def _distributed() -> bool:
     )
 
 
-def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-    """Differentiable sum over ranks (the backward sums the gradients too)."""
-    from torch.distributed.nn.functional import all_reduce
+def _all_reduce_(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over all ranks, in place."""
+    torch.distributed.all_reduce(tensor)
+    return tensor
 
-    return all_reduce(tensor)
+
+class _MaskedBatchNorm(torch.autograd.Function):
+    """Batch norm over the active sites with a hand-written backward: a few fused passes instead of
+    autograd's chain of elementwise ops (the difference between 1.6x and 1.3x a dense ResNet pass).
+
+    Forward: ``y = ((x - mean) * invstd * weight + bias) * sites`` with ``mean``, ``var`` over the
+    active sites. Backward (the BatchNorm1d gradient on the active rows, zero elsewhere), with
+    ``g = dy * sites``, ``c = (x - mean) * sites`` and sums over the batch and sites:
+    ``dx = sites * weight * invstd * (g - sum(g) / n - c * invstd**2 * sum(g * c) / n)``,
+    ``dweight = invstd * sum(g * c)``, ``dbias = sum(g)``; under ``sync`` the counts and the sums
+    are reduced across ranks, as ``SyncBatchNorm`` does.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, sites: torch.Tensor, weight: torch.Tensor | None,
+                bias: torch.Tensor | None, eps: float, sync: bool) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        count, total = sites.sum().reshape(1), x.sum(dim=(0, 2, 3))
+        if sync:
+            total, count = _all_reduce_(torch.cat([total, count])).split([total.numel(), 1])
+        count = count.clamp_min(1)
+        mean = total / count
+        centred = (x - mean[None, :, None, None]).mul_(sites)
+        sq = torch.linalg.vector_norm(centred, dim=(0, 2, 3)).square()
+        var = (_all_reduce_(sq) if sync else sq) / count
+        invstd = torch.rsqrt(var + eps)
+        scale = invstd if weight is None else invstd * weight
+        out = centred * scale[None, :, None, None]
+        if bias is not None:
+            out = out.add_(bias[None, :, None, None]).mul_(sites)
+        ctx.save_for_backward(centred, sites, invstd, weight, count)
+        ctx.sync, ctx.has_bias = sync, bias is not None
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor, _mean: Any, _var: Any) -> tuple[Any, ...]:
+        centred, sites, invstd, weight, count = ctx.saved_tensors
+        g = grad_out * sites
+        sums = torch.stack([g.sum(dim=(0, 2, 3)), torch.einsum("bchw,bchw->c", g, centred)])
+        grad_weight = sums[1] * invstd if weight is not None and ctx.needs_input_grad[2] else None
+        grad_bias = sums[0].clone() if ctx.has_bias and ctx.needs_input_grad[3] else None
+        if ctx.sync:
+            _all_reduce_(sums)
+        a = invstd if weight is None else invstd * weight
+        k1 = -a * invstd.square() * sums[1] / count
+        k0 = -a * sums[0] / count
+        grad_x = torch.addcmul(g * a[None, :, None, None], centred, k1[None, :, None, None])
+        grad_x = grad_x.add_(k0[None, :, None, None]).mul_(sites)
+        return grad_x, None, grad_weight, grad_bias, None, None
 
 
 class _ActiveSites(TorchFunctionMode):
@@ -173,7 +222,7 @@ def masked_batch_norm(
         weight, bias: ``(C,)`` affine parameters or ``None``.
         momentum: running-average factor (``nn.BatchNorm2d`` passes its effective factor).
         eps: added to the variance.
-        sync: sum the counts and moments over all ranks (differentiably), as ``SyncBatchNorm``.
+        sync: sum the counts, moments and gradient sums over all ranks, as ``SyncBatchNorm``.
 
     Returns:
         ``(B, C, H, W)``, zero outside the active sites. Equals ``BatchNorm1d`` on the gathered
@@ -181,31 +230,17 @@ def masked_batch_norm(
 
     A batch without any active site gives zeros (the count is clamped to 1; no host sync).
     """
-    dtype, x, sites = x.dtype, x.float(), sites.float()  # statistics in float32 (also under autocast)
-    count = sites.sum()
-    total = x.sum(dim=(0, 2, 3))
-    if sync:
-        both = _all_reduce(torch.cat([total, count.reshape(1)]))
-        total, count = both[:-1], both[-1]
-    count = count.clamp_min(1)
-    mean = total / count
-    centred = (x - mean[None, :, None, None]).mul_(sites)
-    sq = centred.square().sum(dim=(0, 2, 3))
-    if sync:
-        sq = _all_reduce(sq)
-    var = sq / count
+    dtype = x.dtype  # statistics and normalisation in float32 (also under autocast)
+    out, mean, var = _MaskedBatchNorm.apply(x.float(), sites.float(), weight, bias, eps, sync)
     if running_mean is not None and running_var is not None:
         with torch.no_grad():
             factor = 0.1 if momentum is None else momentum
+            count = sites.sum()
+            if sync:
+                count = _all_reduce_(count.clone())
             unbiased = var * (count / (count - 1).clamp_min(1))
             running_mean.lerp_(mean.to(running_mean.dtype), factor)
             running_var.lerp_(unbiased.to(running_var.dtype), factor)
-    scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight
-    out = centred * scale[None, :, None, None]
-    if bias is not None:
-        out = out.add_(bias[None, :, None, None]).mul_(sites)
     return out.to(dtype)
 
 
