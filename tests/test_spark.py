@@ -68,7 +68,7 @@ def test_masked_batch_norm_equals_batchnorm1d_on_gathered_active_sites():
     assert (dense - ours).abs().max() > 0.1
 
 
-@pytest.mark.parametrize("backbone", ["resnet18", "convnext_atto"])
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50", "convnext_atto"])
 def test_sparse_encoder_never_sees_masked_pixels(backbone, imgs64):
     enc = SparseEncoder(create_convnet(backbone))
     imgs, active = imgs64[:8], _active(8)
