@@ -46,9 +46,9 @@ def _seed_worker(worker_id: int) -> None:
 class ImageDataModule(L.LightningDataModule):
     """Image classification data for masked-image-model pretraining and evaluation.
 
-    Batches are ``(imgs, labels)`` (``(imgs, labels, indices)`` with ``return_index``): ``imgs`` (B, 3, img_size, img_size) float32, normalized per
-    channel as ``(pixel / 255 - mean) / std``; ``labels`` (B,) int64 class indices (-1 for unlabeled
-    STL10 images). Train batches use ``train_transform`` (MAE augmentation, He et al. 2021, Sec. A.1)
+    Batches are ``(imgs, labels)`` (``(imgs, labels, indices)`` with ``return_index``): ``imgs``
+    (B, 3, img_size, img_size) float32, normalized per channel as ``(pixel / 255 - mean) / std``;
+    ``labels`` (B,) int64 class indices (-1 for unlabeled STL10 images). Train batches use ``train_transform`` (MAE augmentation, He et al. 2021, Sec. A.1)
     and drop the last incomplete batch; val / test use the val split (CIFAR's and STL10's test set,
     ImageFolder's ``val`` folder) with the deterministic ``eval_transform``; predict serves
     ``predict_split``.
