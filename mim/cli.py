@@ -20,6 +20,9 @@ import mim.data  # noqa: E402, F401
 import mim.eval  # noqa: E402, F401
 import mim.features  # noqa: E402, F401
 import mim.methods  # noqa: E402, F401
+import mim.sae  # noqa: E402, F401
+import mim.sae.data  # noqa: E402, F401
+import mim.sae.module  # noqa: E402, F401
 from mim.data import BadImageError, DatasetNotFoundError  # noqa: E402
 from mim.errors import UserError  # noqa: E402
 

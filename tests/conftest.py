@@ -38,3 +38,44 @@ def cifar_batch(shared_data: Path) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def extract_store(
+    path: Path, root: Path, encoder: str, split: str, per_class: int, tokens: list[str], layer: int = -1
+) -> Path:
+    """Extract a real feature store with ``trainer.predict`` (what ``mim predict`` runs); returns ``path``."""
+    import lightning as L
+
+    from mim.data import ImageDataModule
+    from mim.features import FeatureExtractor, FeatureStoreWriter
+
+    limits = {"limit_per_class": per_class} if split == "train" else {"val_limit_per_class": per_class}
+    dm = ImageDataModule(root=str(root), batch_size=64, num_workers=0, predict_split=split, train_augment=False,
+                         return_index=True, **limits)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(path.parent),
+                        callbacks=[FeatureStoreWriter(str(path), shard_size=64)])
+    trainer.predict(FeatureExtractor(encoder, layer=layer, tokens=tokens), datamodule=dm, return_predictions=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sae_stores(tmp_path_factory, shared_data: Path) -> tuple[Path, Path]:
+    """Real feature stores for SAE tests: a ViT-Tiny/4 (fixed random init) on CIFAR-10, last block,
+    residual stream after block 6 of 12 (no final norm, so token norms vary), cls + mean + 64 patch
+    tokens of d 192. Train: 200 images (20 per class, 12,800 patch tokens) in
+    shards of 64 images; val: 100 test images (10 per class)."""
+    import timm
+
+    from mim.export import save_encoder
+
+    folder = tmp_path_factory.mktemp("sae_stores")
+    torch.manual_seed(1)
+    kwargs = {"img_size": 32, "patch_size": 4}
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=0, **kwargs)
+    encoder = save_encoder(model, {"model_name": "vit_tiny_patch16_224", "model_kwargs": kwargs},
+                           folder / "encoder.safetensors")
+    tokens = ["cls", "mean", "patch"]
+    train = extract_store(folder / "train", shared_data, str(encoder), "train", 20, tokens, layer=6)
+    val = extract_store(folder / "val", shared_data, str(encoder), "val", 10, tokens, layer=6)
+    return train, val

@@ -279,6 +279,28 @@ def _rebatch(chunks: Iterable[FeatureBatch], batch_size: int, drop_last: bool) -
         yield _concat(pending)
 
 
+def _select(
+    pieces: Iterable[tuple[FeatureBatch, torch.Tensor | None]], batch_size: int, offset: int, stride: int, stop: float
+) -> Iterator[FeatureBatch]:
+    """The stream's rows at positions ``p < stop`` with ``(p // batch_size) % stride == offset``.
+
+    ``pieces`` are ``(rows, order)`` pairs: the stream goes on with ``rows[order]`` (``order`` None: ``rows``
+    as they are). Only the kept rows are gathered, so a part of the stream costs a part of the copying."""
+    start = 0
+    for rows, order in pieces:
+        n = len(rows.labels)
+        if stride == 1 and start + n <= stop:
+            yield rows if order is None else _take(rows, order)
+        else:
+            positions = torch.arange(start, min(start + n, stop))
+            keep = ((positions // batch_size) % stride == offset).nonzero().squeeze(1)
+            if len(keep):
+                yield _take(rows, keep if order is None else order[keep])
+        start += n
+        if start >= stop:
+            return
+
+
 class FeatureStore:
     """Read a complete feature store (see the module docstring for the layout and row order).
 
@@ -352,16 +374,36 @@ class FeatureStore:
                 "Fix: ask for one of those, or re-extract with --model.init_args.tokens including it."
             )
 
-    def _load(self, shard: Mapping[str, Any], tokens: str) -> FeatureBatch:
+    def _load(self, shard: Mapping[str, Any], tokens: str, check_finite: bool = False) -> FeatureBatch:
         with safe_open(self.path / shard["file"], framework="pt") as f:
-            return FeatureBatch(f.get_tensor(tokens), f.get_tensor("labels"), f.get_tensor("indices"))
+            batch = FeatureBatch(f.get_tensor(tokens), f.get_tensor("labels"), f.get_tensor("indices"))
+        if check_finite and not bool(torch.isfinite(batch.features).all()):  # one pass; locate only on failure
+            raise self._non_finite_error(shard["file"], batch)
+        return batch
 
-    def _ordered_chunks(self, tokens: str) -> Iterator[FeatureBatch]:
+    def _non_finite_error(self, file: str, batch: FeatureBatch) -> FeatureStoreError:
+        """The error for a shard with NaN / Inf features, naming the first bad row (and patch token)."""
+        bad = ~torch.isfinite(batch.features)
+        bad_rows = bad.flatten(1).any(1).nonzero().squeeze(1)
+        row = int(bad_rows[0])
+        where = f"image index {int(batch.indices[row])}"
+        if batch.features.dim() == 3:
+            where += f", patch token {int(bad[row].any(-1).nonzero()[0])}"
+        kind = "NaN" if bool(batch.features[row].isnan().any()) else "infinite"
+        more = f" ({len(bad_rows)} of its {len(bad)} rows do)" if len(bad_rows) > 1 else ""
+        return FeatureStoreError(
+            f"Feature store {self.path}: shard {file} row {row} ({where}) holds {kind} features{more}. Fix: "
+            "re-extract the store (overwrite=True) after fixing the encoder: a NaN usually means the encoder "
+            "diverged or its weights hold NaN; an Inf an overflow of float16 / bfloat16 activations (extract with "
+            "--trainer.precision 32-true and --model.init_args.dtype float32)."
+        )
+
+    def _ordered_chunks(self, tokens: str, check_finite: bool = False) -> Iterator[FeatureBatch]:
         """Shards in store order, one loaded at a time per rank; a DDP store's rank streams merged by index."""
         ranks = sorted({s["rank"] for s in self.metadata["shards"]})
         streams = [iter([s for s in self.metadata["shards"] if s["rank"] == r]) for r in ranks]
         if len(streams) == 1:
-            yield from (self._load(s, tokens) for s in streams[0])
+            yield from (self._load(s, tokens, check_finite) for s in streams[0])
             return
         heads: dict[int, FeatureBatch] = {}
         while True:
@@ -371,7 +413,7 @@ class FeatureStore:
                     if shard is None:
                         streams[r] = stream = None
                     elif shard["rows"]:
-                        heads[r] = self._load(shard, tokens)
+                        heads[r] = self._load(shard, tokens, check_finite)
             if not heads:
                 return
             # rows up to the smallest "last index" of the buffers: no later shard can hold a smaller index
@@ -387,14 +429,22 @@ class FeatureStore:
             rows = _concat(parts)
             yield _take(rows, torch.argsort(rows.indices))
 
-    def read(self, tokens: str = "cls") -> FeatureBatch:
+    def read(self, tokens: str = "cls", check_finite: bool = False) -> FeatureBatch:
         """The whole store for one token kind, in store order (for small stores and tests: loads everything).
+
+        Args:
+            tokens: ``"cls"``, ``"mean"`` or ``"patch"``.
+            check_finite: check every loaded shard for NaN / Inf features (one ``isfinite`` pass per shard).
 
         Returns:
             ``features`` (N, d) for cls / mean, (N, L, d) for patch; ``labels``, ``indices`` (N,) int64.
+
+        Raises:
+            FeatureStoreError: a token kind the store lacks; with ``check_finite``, NaN / Inf features (the
+                message names the shard file, the row in it, the image index and, for patch tokens, the token).
         """
         self._check_tokens(tokens)
-        parts = list(self._ordered_chunks(tokens))
+        parts = list(self._ordered_chunks(tokens, check_finite))
         if not parts:  # a store of 0 images
             grid = self.metadata.get("patch_grid") or (0, 0)
             shape = (0, grid[0] * grid[1], self.d_model) if tokens == "patch" else (0, self.d_model)
@@ -412,6 +462,10 @@ class FeatureStore:
         buffer_shards: int = 4,
         flatten: bool = False,
         drop_last: bool = False,
+        check_finite: bool = False,
+        offset: int = 0,
+        stride: int = 1,
+        max_batches: int | None = None,
     ) -> Iterator[FeatureBatch]:
         """Stream batches without loading the whole store.
 
@@ -427,33 +481,47 @@ class FeatureStore:
             flatten: patch tokens as one row per token, ``(batch_size, d)`` (what an SAE trains on),
                 labels and indices repeated per token.
             drop_last: drop the last incomplete batch.
+            check_finite: check every loaded shard for NaN / Inf features (one ``isfinite`` pass per shard).
+            offset, stride, max_batches: yield only batches ``offset, offset + stride, ...`` among the first
+                ``max_batches`` (None: all) of the stream, i.e. ``itertools.islice(stream, offset, max_batches,
+                stride)``, but gathering only the rows of those batches (one part of a stream split across DDP
+                ranks or dataloader workers).
 
         Yields:
             :class:`FeatureBatch` (features, labels, indices); tensors may be views of a shared buffer.
 
         Raises:
-            FeatureStoreError: a token kind the store lacks, ``flatten`` without patch tokens, or a
-                non-positive ``batch_size`` / ``buffer_shards``.
+            FeatureStoreError: a token kind the store lacks, ``flatten`` without patch tokens, a non-positive
+                ``batch_size`` / ``buffer_shards`` / ``stride``, ``offset`` outside ``[0, stride)``; with
+                ``check_finite``, NaN / Inf features (when their shard is loaded; see :meth:`read`).
         """
         self._check_tokens(tokens)
         if batch_size < 1 or buffer_shards < 1:
             raise FeatureStoreError(f"batch_size and buffer_shards must be >= 1, got {batch_size}, {buffer_shards}.")
+        if not 0 <= offset < stride:
+            raise FeatureStoreError(f"Need 0 <= offset < stride, got offset {offset}, stride {stride}.")
         if flatten and tokens != "patch":
             raise FeatureStoreError(f"flatten=True is for patch tokens, not {tokens!r}. Fix: drop flatten.")
+        pieces: Iterable[tuple[FeatureBatch, torch.Tensor | None]]
         if shuffle:
-            chunks: Iterable[FeatureBatch] = self._shuffled_chunks(tokens, seed, buffer_shards, flatten)
+            pieces = self._shuffled_chunks(tokens, seed, buffer_shards, flatten, check_finite)
         else:
-            chunks = (_flatten(c) if flatten else c for c in self._ordered_chunks(tokens))
-        return _rebatch(chunks, batch_size, drop_last)
+            pieces = ((_flatten(c) if flatten else c, None) for c in self._ordered_chunks(tokens, check_finite))
+        stop = batch_size * max_batches if max_batches is not None else float("inf")
+        return _rebatch(_select(pieces, batch_size, offset, stride, stop), batch_size, drop_last)
 
-    def _shuffled_chunks(self, tokens: str, seed: int, buffer_shards: int, flatten: bool) -> Iterator[FeatureBatch]:
+    def _shuffled_chunks(
+        self, tokens: str, seed: int, buffer_shards: int, flatten: bool, check_finite: bool
+    ) -> Iterator[tuple[FeatureBatch, torch.Tensor]]:
+        """``(buffer, row permutation)`` per shuffle buffer; the permutation is applied by :func:`_select`."""
         generator = torch.Generator().manual_seed(seed)
         shards = self.metadata["shards"]
         order = torch.randperm(len(shards), generator=generator).tolist()
         for start in range(0, len(order), buffer_shards):
-            buffer = _concat([self._load(shards[i], tokens) for i in order[start : start + buffer_shards]])
+            loaded = [self._load(shards[i], tokens, check_finite) for i in order[start : start + buffer_shards]]
+            buffer = _concat(loaded)
             buffer = _flatten(buffer) if flatten else buffer
-            yield _take(buffer, torch.randperm(len(buffer.labels), generator=generator))
+            yield buffer, torch.randperm(len(buffer.labels), generator=generator)
 
 
 __all__ = [

@@ -1,0 +1,145 @@
+"""The one training loop of every SAE variant, as a LightningModule (``mim fit|validate`` on a feature store)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+
+from mim.errors import ConfigError, UserError
+from mim.features.store import FeatureBatch, FeatureStore
+from mim.sae.data import FeatureStoreDataModule, check_d_model
+from mim.sae.downstream import downstream_probe
+from mim.sae.metrics import decoder_coherence, sae_metrics
+from mim.sae.models import SparseAutoencoder
+
+
+class SAETraining(L.LightningModule):
+    """Train a :class:`~mim.sae.models.SparseAutoencoder` on feature-store batches (``FeatureStoreDataModule``).
+
+    Recipe (shared by all variants; Gao et al. 2024, arXiv 2406.04093, Sec. 2 and App. A; Conerly et al. 2024,
+    "April update"; dictionary_learning's trainers):
+
+    - Initialisation on ``init_tokens`` shuffled training tokens (the same on every rank): input scale
+      (``E||x_n|| = sqrt(d_model)``) and ``b_dec`` = their geometric median; the decoder starts as random unit
+      directions, the encoder as its transpose. Skipped when resuming (the SAE's ``initialized`` buffer).
+    - Adam (``betas``, ``eps`` = 6.25e-10 as Gao et al.), lr linearly warmed up over ``warmup_steps``, constant,
+      then linearly decayed to 0 over the last ``decay_fraction`` of the steps (April update: last 20 %).
+    - Unit-norm decoder rows for the variants that use it: the gradient's parallel component is removed before
+      each optimizer step and the rows are re-normalised after it.
+    - Dead latents tracked by training tokens since each latent last fired (summed over DDP ranks).
+    - Validation: :class:`mim.sae.metrics.SAEMetrics` in the store's units (FVU in float64, explained variance,
+      L0, dead / dense latents, cosine similarity, relative reconstruction bias), the decoder coherence and,
+      with ``downstream``, the linear-probe accuracy retained.
+
+    Args:
+        sae: the variant (``class_path: mim.sae.TopKSAE`` + ``init_args`` in a config).
+        lr: peak learning rate.
+        betas, eps: Adam's.
+        warmup_steps: linear warm-up steps.
+        decay_fraction: fraction of the total steps over which the lr decays linearly to 0 at the end.
+        init_tokens: tokens of the initialisation sample.
+        dense_threshold: firing frequency above which a latent counts as dense in validation.
+        downstream: also run :func:`mim.sae.downstream.downstream_probe` at the end of each validation
+            (linear-probe top-1 on codes vs raw features vs reconstructions; trains on the training store).
+
+    Raises:
+        UserError: a NaN / Inf loss (names the step); from ``setup``, a store whose ``d_model`` differs from
+            the SAE's (``FeatureStoreError``).
+    """
+
+    def __init__(
+        self,
+        sae: SparseAutoencoder,
+        lr: float = 2e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 6.25e-10,
+        warmup_steps: int = 1000,
+        decay_fraction: float = 0.2,
+        init_tokens: int = 65536,
+        dense_threshold: float = 0.1,
+        downstream: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["sae"])
+        self.sae = sae
+        self.val_metrics = sae_metrics(sae.d_model, sae.d_sae, dense_threshold=dense_threshold, prefix="val/")
+
+    # ----------------------------------------------------------------------------------------- set-up
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        if isinstance(datamodule, FeatureStoreDataModule):
+            check_d_model(datamodule.train_metadata, self.sae.d_model)
+
+    def on_fit_start(self) -> None:
+        if bool(self.sae.initialized):
+            return
+        dm = self.trainer.datamodule
+        if not isinstance(dm, FeatureStoreDataModule):
+            raise ConfigError(
+                "SAETraining initialises the SAE from a feature store. Fix: train with "
+                "--data mim.sae.data.FeatureStoreDataModule (or call sae.initialize(sample) before fitting)."
+            )
+        batches = FeatureStore(dm.train_store).batches(
+            self.hparams.init_tokens, tokens=dm.tokens, seed=dm.seed, flatten=dm.tokens == "patch"
+        )
+        self.sae.initialize(next(iter(batches)).features.to(self.device))
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.hparams.lr, betas=self.hparams.betas,
+                                     eps=self.hparams.eps)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup, decay = self.hparams.warmup_steps, int(self.hparams.decay_fraction * total)
+
+        def factor(step: int) -> float:
+            ramp = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+            tail = min(1.0, (total - step) / decay) if decay > 0 else 1.0
+            return max(0.0, min(ramp, tail))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --------------------------------------------------------------------------------------- training
+    def training_step(self, batch: FeatureBatch, batch_idx: int) -> torch.Tensor:
+        x_n = self.sae.normalize(batch.features)
+        out = self.sae.loss(x_n)
+        if not torch.isfinite(out.loss):
+            raise UserError(
+                f"The SAE loss is {out.loss.item()} at step {self.global_step} ({', '.join(out.terms)}). "
+                "Fix: lower --model.init_args.lr (or the sparsity coefficient), and check the feature store "
+                "(the data module's check_finite=true names a NaN shard and row)."
+            )
+        fired, tokens = out.fired, len(x_n)
+        if self.trainer.world_size > 1:
+            fired = self.trainer.strategy.reduce(fired, reduce_op="sum")
+            tokens *= self.trainer.world_size
+        self.sae.update_firing(fired, tokens)
+        logs = {"train/loss": out.loss, "train/l0": out.l0,
+                "train/dead_latents": self.sae.dead_latents().float().mean()}
+        logs.update({f"train/{name}": value for name, value in out.terms.items()})
+        self.log_dict(logs, batch_size=len(x_n))
+        return out.loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.sae.remove_parallel_grad_()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.sae.normalize_decoder_()
+
+    # ------------------------------------------------------------------------------------- validation
+    def validation_step(self, batch: FeatureBatch, batch_idx: int) -> None:
+        x = batch.features
+        out = self.sae(x)
+        self.val_metrics.update(x=x, x_hat=out.x_hat, code=out.code)
+
+    def on_validation_epoch_end(self) -> None:
+        values = {name: value.float() for name, value in self.val_metrics.compute().items()}
+        self.val_metrics.reset()
+        values["val/decoder_coherence"] = torch.tensor(decoder_coherence(self.sae.W_dec.detach()))
+        if self.hparams.downstream and not self.trainer.sanity_checking:
+            datamodule = self.trainer.datamodule
+            probe = downstream_probe(self.sae, datamodule.train_store, datamodule.val_store, tokens=datamodule.tokens)
+            values.update({f"val/{name}": torch.tensor(float(value)) for name, value in probe.items()})
+        self.log("val/fvu", values.pop("val/fvu"), prog_bar=True)  # values are global: torchmetrics synced them
+        self.log_dict(values)

@@ -1,0 +1,299 @@
+"""SAE variants and their kernels (issue 6) on real extracted features: ViT-Tiny/4 block-6 patch tokens of
+CIFAR-10 images (the ``sae_stores`` fixture)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mim.errors import ConfigError, UserError
+from mim.features import FeatureStore
+from mim.sae import (
+    MPSAE,
+    VARIANTS,
+    AbsTopKSAE,
+    BatchTopKSAE,
+    JumpReLUSAE,
+    MatryoshkaSAE,
+    ReLUSAE,
+    SparseAutoencoder,
+    TopAFASAE,
+    TopKSAE,
+    load_sae,
+    save_sae,
+)
+from mim.sae.kernels import select_linear, sparse_decode
+from mim.sae.models import batch_variance, geometric_median
+
+D, D_SAE, K = 192, 512, 16
+VARIANT_KWARGS = {
+    "TopKSAE": {"k": K},
+    "AbsTopKSAE": {"k": K},
+    "BatchTopKSAE": {"k": K},
+    "MatryoshkaSAE": {"k": K, "prefixes": [64, 128, 256, 512]},
+    "TopAFASAE": {"k_max": 64},
+    "ReLUSAE": {"l1_coeff": 0.05},
+    "JumpReLUSAE": {"l0_coeff": 0.05, "init_threshold": 0.1, "bandwidth": 0.05},
+    "MPSAE": {"steps": 8},
+}
+
+
+@pytest.fixture(scope="module")
+def tokens(sae_stores) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, val) patch tokens, (12800, 192) and (6400, 192) float32."""
+    train, val = (FeatureStore(p).read("patch").features.reshape(-1, D) for p in sae_stores)
+    return train, val
+
+
+def make(name: str, x: torch.Tensor, **overrides) -> SparseAutoencoder:
+    torch.manual_seed(0)
+    sae = VARIANTS[name](D, D_SAE, **{**VARIANT_KWARGS[name], **overrides})
+    sae.initialize(x[:4096])
+    return sae
+
+
+def train(sae: SparseAutoencoder, x: torch.Tensor, steps: int, lr: float = 2e-3, batch: int = 1024) -> None:
+    """The training loop of :class:`mim.sae.module.SAETraining`, without Lightning."""
+    optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(0)
+    sae.train()
+    for _ in range(steps):
+        rows = torch.randint(len(x), (batch,), generator=generator)
+        out = sae.loss(sae.normalize(x[rows]))
+        optimizer.zero_grad()
+        out.loss.backward()
+        sae.remove_parallel_grad_()
+        optimizer.step()
+        sae.normalize_decoder_()
+        sae.update_firing(out.fired, batch)
+    sae.eval()
+
+
+def fvu(sae: SparseAutoencoder, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        x_hat = sae(x).x_hat
+    return float((x_hat - x).double().pow(2).sum() / (x - x.mean(0)).double().pow(2).sum())
+
+
+@pytest.mark.parametrize("name", list(VARIANT_KWARGS))
+def test_every_variant_learns_to_reconstruct_real_features(name, tokens):
+    x, val = tokens
+    sae = make(name, x)
+    before = fvu(sae, val)
+    train(sae, x, steps=60)
+    after = fvu(sae, val)
+    assert after < 0.8 * before and after < 0.6, (before, after)
+    if sae.unit_norm_decoder:
+        torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(D_SAE))
+    code = sae.encode(val)
+    assert code.values.shape == code.indices.shape and code.indices.max() < D_SAE
+
+
+def test_normalisation_and_init(tokens):
+    x, _ = tokens
+    sae = make("TopKSAE", x)
+    x_n = sae.normalize(x[:4096])
+    assert x_n.norm(dim=1).mean().item() == pytest.approx(math.sqrt(D), rel=1e-4)
+    median = geometric_median(x_n)
+    torch.testing.assert_close(sae.b_dec.detach(), median)
+    # the geometric median minimises the sum of distances: better than the mean and than a nudged median
+    cost = lambda c: (x_n - c).norm(dim=1).sum()
+    assert cost(median) < cost(x_n.mean(0)) and cost(median) < cost(median + 0.05 * torch.randn(D))
+    fresh = TopKSAE(D, D_SAE, k=K)
+    torch.testing.assert_close(fresh.W_enc, fresh.W_dec)  # encoder starts as the decoder's transpose
+    # outputs are in the store's units: the scale is undone by decode
+    with torch.no_grad():
+        code = sae.encode(x[:8])
+        torch.testing.assert_close(sae.decode(code) * sae.input_scale, sae.decode_n(code))
+
+
+@pytest.mark.parametrize("name", ["TopKSAE", "AbsTopKSAE"])
+def test_topk_l0_is_exactly_k(name, tokens):
+    x, val = tokens
+    sae = make(name, x)
+    train(sae, x, steps=20)
+    code = sae.encode(val)
+    assert (code.l0() == K).all()
+    out = sae.loss(sae.normalize(val[:2048]))
+    assert out.l0.item() == K
+    if name == "AbsTopKSAE":
+        assert (code.values < 0).any() and (code.values > 0).any()  # bidirectional, signs kept
+        z = sae.pre_acts(sae.normalize(val[:64]))
+        top = z.abs().topk(K).values
+        torch.testing.assert_close(code.values[:64].abs().sort(1).values, top.sort(1).values.detach())
+    else:
+        assert (code.values >= 0).all()
+
+
+def test_batchtopk_l0_is_k_on_average_in_training_and_threshold_at_inference(tokens):
+    x, val = tokens
+    sae = make("BatchTopKSAE", x)
+    train(sae, x, steps=40)
+    sae.train()
+    out = sae.loss(sae.normalize(val[:2048]))
+    assert out.l0.item() == pytest.approx(K)  # k * B over the batch
+    code = sae.batch_code(sae.normalize(val[:2048]))
+    assert code.l0().min() < K < code.l0().max()  # per-token counts vary
+    sae.eval()
+    theta = float(sae.threshold)
+    assert theta > 0
+    code = sae.encode(val)
+    z = sae.pre_acts(sae.normalize(val)).detach()
+    assert torch.equal(code.l0(), (z > theta).sum(1))  # inference: the global threshold
+    assert 0.3 * K < code.l0().float().mean() < 3 * K
+
+
+def test_top_afa_picks_an_adaptive_number_of_latents(tokens):
+    x, val = tokens
+    sae = make("TopAFASAE", x)
+    train(sae, x, steps=40)
+    code = sae.encode(val)
+    l0 = code.l0()
+    assert l0.min() >= 1 and l0.max() <= 64 and len(l0.unique()) > 5
+    # the kept prefix's norm is the closest to ||x_n - b_dec|| among all prefixes of the sorted activations
+    x_n = sae.normalize(val[:32])
+    target = (x_n - sae.b_dec).norm(dim=1)
+    z = F.relu(sae.pre_acts(x_n)).detach().topk(64).values
+    best = ((z.pow(2).cumsum(1).sqrt() - target[:, None]).abs().argmin(1) + 1).clamp_max((z > 0).sum(1).clamp_min(1))
+    assert torch.equal(l0[:32], best)
+
+
+def test_jumprelu_threshold_learns_only_through_the_pseudo_derivative(tokens):
+    x, _ = tokens
+    sae = make("JumpReLUSAE", x, bandwidth=0.5)
+    x_n = sae.normalize(x[:256])
+    out = sae.loss(x_n)
+    out.loss.backward()
+    z = sae.pre_acts(x_n).detach()
+    theta, eps = sae.log_threshold.exp().detach(), sae.bandwidth
+    window = ((z - theta).abs() < eps / 2).float()
+    x_hat = out.x_hat.detach()
+    grad_f = 2 * (x_hat - x_n) @ sae.W_dec.detach().t() / len(x_n)  # d mse / d f
+    # eq. 11 (through the reconstruction) + eq. 12 (through the L0 penalty), chained through theta = exp(log)
+    d_theta = (grad_f * -(theta / eps) * window).sum(0) + sae.l0_coeff * (-(1 / eps) * window).sum(0) / len(x_n)
+    torch.testing.assert_close(sae.log_threshold.grad, d_theta * theta, rtol=1e-3, atol=1e-5)
+    assert (sae.log_threshold.grad[window.sum(0) == 0] == 0).all()
+    # z gets no gradient from the L0 term: with the reconstruction switched off, W_enc receives none
+    sae.zero_grad()
+    z2 = sae.pre_acts(x_n)
+    from mim.sae.models import _Step
+
+    _Step.apply(z2, sae.log_threshold.exp(), eps).sum().backward()
+    assert sae.W_enc.grad is None or (sae.W_enc.grad == 0).all()
+    assert sae.log_threshold.grad.abs().sum() > 0
+
+
+def test_matryoshka_prefixes_each_reconstruct(tokens):
+    x, val = tokens
+    sae = make("MatryoshkaSAE", x)
+    train(sae, x, steps=60)
+    with torch.no_grad():
+        val_n = sae.normalize(val)
+        x_hats = sae.prefix_reconstructions(sae.encode(val))
+    fvus = [float((h - val_n).pow(2).sum() / (val_n - val_n.mean(0)).pow(2).sum()) for h in x_hats]
+    assert all(f < 0.85 for f in fvus), fvus  # even the first 64 latents reconstruct on their own
+    assert all(a >= b - 1e-6 for a, b in itertools.pairwise(fvus)), fvus  # more latents, better
+    # the loss is the sum of the prefixes' FVUs
+    sae.train()
+    out = sae.loss(sae.normalize(val[:1024]))
+    prefix_terms = [v for k, v in out.terms.items() if k.startswith("fvu_prefix_")]
+    assert len(prefix_terms) == 4 and out.terms["fvu"] == prefix_terms[-1]
+    torch.testing.assert_close(out.loss, torch.stack(prefix_terms).sum() + sae.aux_coeff * out.terms["auxk"])
+
+
+def test_matching_pursuit_error_falls_monotonically_with_steps(tokens):
+    x, val = tokens
+    sae = make("MPSAE", x)
+    train(sae, x, steps=30)
+    errors = []
+    with torch.no_grad():
+        val_n = sae.normalize(val[:512])
+        for steps in (1, 2, 4, 8, 16, 32, 64):
+            code = sae.code(val_n, steps=steps)
+            assert code.values.shape[1] == steps and (code.values >= 0).all()
+            errors.append((sae.decode_n(code) - val_n).pow(2).sum(1))
+    for fewer, more in itertools.pairwise(errors):
+        assert (more <= fewer + 1e-4).all()  # per token, not only on average
+    assert errors[-1].mean() < 0.7 * errors[0].mean()
+    assert not hasattr(sae, "W_enc")  # tied: the decoder atoms are the encoder
+
+
+def test_sparse_kernels_equal_dense_autograd(tokens):
+    x, _ = tokens
+    sae = make("TopKSAE", x)
+    x_n = sae.normalize(x[:300])
+    params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
+    # sparse: select_linear + embedding_bag decode
+    values, indices = select_linear(x_n - sae.b_dec, sae.W_enc, sae.b_enc, lambda z: z.topk(K).indices)
+    sparse = sparse_decode(F.relu(values), indices, sae.W_dec) + sae.b_dec
+    loss = sparse.pow(2).sum() + values.sum()
+    grads_sparse = torch.autograd.grad(loss, params)
+    # dense: plain autograd through the full pre-activations and a dense matmul decoder
+    z = F.linear(x_n - sae.b_dec, sae.W_enc, sae.b_enc)
+    top = z.topk(K)
+    f = torch.zeros_like(z).scatter(1, top.indices, F.relu(top.values))
+    dense = f @ sae.W_dec + sae.b_dec
+    loss_dense = dense.pow(2).sum() + top.values.sum()
+    grads_dense = torch.autograd.grad(loss_dense, params)
+    assert torch.equal(indices.sort(1).values, top.indices.sort(1).values)
+    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-4)
+    for name, a, b in zip(["W_enc", "b_enc", "W_dec", "b_dec"], grads_sparse, grads_dense):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3, msg=name)
+
+
+def test_auxk_is_zero_without_dead_latents_and_revives_them(tokens):
+    x, _ = tokens
+    sae = make("TopKSAE", x, dead_tokens=10_000)
+    x_n = sae.normalize(x[:1024])
+    out = sae.loss(x_n)
+    assert not sae.dead_latents().any() and out.terms["auxk"].item() == 0.0
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[::3] = True
+    sae.tokens_since_fired[dead] = 10_000  # pretend these never fired
+    out = sae.loss(x_n)
+    assert out.terms["auxk"].item() > 0
+    out.terms["auxk"].backward()
+    moved = sae.W_dec.grad.abs().sum(1) > 0
+    assert moved[dead].any() and not moved[~dead].any()  # AuxK trains only dead latents' atoms
+    # firing bookkeeping: a latent that fires resets its counter
+    sae.update_firing(out.fired, 1024)
+    assert (sae.tokens_since_fired[out.fired > 0] == 0).all()
+    assert (sae.tokens_since_fired[(out.fired == 0) & dead] == 11_024).all()
+
+
+@pytest.mark.parametrize("name", list(VARIANT_KWARGS))
+def test_save_and_load_give_identical_outputs(name, tokens, tmp_path):
+    x, val = tokens
+    sae = make(name, x)
+    train(sae, x, steps=3)
+    path = save_sae(sae, tmp_path / "sae.safetensors")
+    assert path.with_suffix(".json").is_file()
+    loaded = load_sae(path.with_suffix(".json"))
+    assert type(loaded) is type(sae) and loaded.init_args() == sae.init_args()
+    with torch.no_grad():
+        a, b = sae(val[:500]), loaded(val[:500])
+    assert torch.equal(a.x_hat, b.x_hat) and torch.equal(a.code.values, b.code.values)
+    assert torch.equal(loaded.input_scale, sae.input_scale) and bool(loaded.initialized)
+
+
+def test_bad_configuration_gives_one_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"k must be in \[1, d_sae=64\], got 65"):
+        TopKSAE(16, 64, k=65)
+    with pytest.raises(ConfigError, match=r"k must be in \[1, d_sae=64\], got 0"):
+        BatchTopKSAE(16, 64, k=0)
+    with pytest.raises(ConfigError, match="d_sae must be positive"):
+        TopKSAE(16, 0, k=1)
+    with pytest.raises(ConfigError, match="prefixes must increase strictly and end at d_sae=64"):
+        MatryoshkaSAE(16, 64, k=4, prefixes=[32, 16, 64])
+    with pytest.raises(ConfigError, match="steps must be positive"):
+        MPSAE(16, 64, steps=0)
+    with pytest.raises(UserError, match=r"needs a \(n, 16\) sample"):
+        TopKSAE(16, 64, k=4).initialize(torch.randn(10, 8))
+    with pytest.raises(UserError, match="does not exist"):
+        load_sae(tmp_path / "missing.safetensors")
+    assert {ReLUSAE, JumpReLUSAE, AbsTopKSAE, TopAFASAE} <= set(VARIANTS.values())
+    assert batch_variance(torch.ones(4, 3)).item() == 0.0
