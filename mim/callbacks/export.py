@@ -8,9 +8,28 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
 from mim.export import save_encoder
+from mim.sae.models import save_sae
 
 
-class ExportEncoder(L.Callback):
+class _ExportAtFitEnd(L.Callback):
+    """Save something of the module as ``<dirpath>/<filename>.safetensors`` (+ ``.json``) at the end of fit, on
+    global rank 0 (``dirpath`` default: the run's log directory)."""
+
+    def __init__(self, dirpath: str | None, filename: str) -> None:
+        self.dirpath, self.filename = dirpath, filename
+        self.path: Path | None = None
+
+    def save(self, pl_module: L.LightningModule, path: Path) -> Path:
+        raise NotImplementedError
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        dirpath = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)
+        self.path = self.save(pl_module, dirpath / f"{self.filename}.safetensors")
+
+
+class ExportEncoder(_ExportAtFitEnd):
     """At the end of fit, save ``pl_module.encoder`` as ``<dirpath>/<filename>.safetensors`` + ``.json``.
 
     Args:
@@ -22,18 +41,15 @@ class ExportEncoder(L.Callback):
     """
 
     def __init__(self, dirpath: str | None = None, filename: str = "encoder") -> None:
-        self.dirpath, self.filename = dirpath, filename
-        self.path: Path | None = None
+        super().__init__(dirpath, filename)
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        dirpath = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)
-        self.path = save_encoder(pl_module.encoder, pl_module.encoder_config, dirpath / f"{self.filename}.safetensors")
-        rank_zero_info(f"Exported encoder to {self.path} (load with mim.export.load_encoder or timm).")
+    def save(self, pl_module: L.LightningModule, path: Path) -> Path:
+        path = save_encoder(pl_module.encoder, pl_module.encoder_config, path)
+        rank_zero_info(f"Exported encoder to {path} (load with mim.export.load_encoder or timm).")
+        return path
 
 
-class ExportSAE(L.Callback):
+class ExportSAE(_ExportAtFitEnd):
     """At the end of fit, save ``pl_module.sae`` with :func:`mim.sae.save_sae` as
     ``<dirpath>/<filename>.safetensors`` + ``.json`` (load with :func:`mim.sae.load_sae`).
 
@@ -43,14 +59,9 @@ class ExportSAE(L.Callback):
     """
 
     def __init__(self, dirpath: str | None = None, filename: str = "sae") -> None:
-        self.dirpath, self.filename = dirpath, filename
-        self.path: Path | None = None
+        super().__init__(dirpath, filename)
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        from mim.sae.models import save_sae
-
-        dirpath = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)
-        self.path = save_sae(pl_module.sae, dirpath / f"{self.filename}.safetensors")
-        rank_zero_info(f"Exported SAE to {self.path} (load with mim.sae.load_sae).")
+    def save(self, pl_module: L.LightningModule, path: Path) -> Path:
+        path = save_sae(pl_module.sae, path)
+        rank_zero_info(f"Exported SAE to {path} (load with mim.sae.load_sae).")
+        return path

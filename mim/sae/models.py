@@ -381,10 +381,11 @@ class BatchTopKSAE(TopKSAE):
     entries of ``ReLU(z)`` over the whole batch of ``N`` tokens stay active (``k`` per token on average); at
     inference a global threshold ``f = z * (z > threshold)`` replaces the batch dependence.
 
-    The threshold is the paper's ``E_batches[min{f_ij > 0}]`` estimated as an exponential moving average of each
-    training batch's smallest kept activation (dictionary_learning ``update_threshold``: first value taken as is,
-    then ``threshold_beta`` 0.999). Until a training step has set it, inference uses per-token TopK. AuxK and
-    the loss are :class:`TopKSAE`'s.
+    The threshold is the paper's ``E_batches[min{f_ij > 0}]``, estimated from each training batch's smallest kept
+    activation: their plain mean over the first ``1 / (1 - threshold_beta)`` batches, then an exponential moving
+    average with decay ``threshold_beta`` (0.999 as dictionary_learning's ``update_threshold``, which instead
+    skips the first 1000 steps so that the early, large minima do not linger). Until a training step has set
+    it, inference uses per-token TopK. AuxK and the loss are :class:`TopKSAE`'s.
 
     Args:
         threshold_beta: EMA decay of the threshold estimate.
@@ -396,6 +397,7 @@ class BatchTopKSAE(TopKSAE):
         super().__init__(d_model, d_sae, k, k_aux, aux_coeff, dead_tokens)
         self.threshold_beta = threshold_beta
         self.register_buffer("threshold", torch.tensor(-1.0))
+        self.register_buffer("threshold_updates", torch.tensor(0, dtype=torch.long))
 
     def code(self, x_n: torch.Tensor) -> SparseCode:
         if float(self.threshold) < 0:
@@ -417,11 +419,9 @@ class BatchTopKSAE(TopKSAE):
         kept = code.values[code.values > 0]
         if not len(kept):
             return
-        low = kept.min()
-        if float(self.threshold) < 0:
-            self.threshold.copy_(low)
-        else:
-            self.threshold.mul_(self.threshold_beta).add_((1 - self.threshold_beta) * low)
+        self.threshold_updates.add_(1)
+        rate = max(1 - self.threshold_beta, 1 / int(self.threshold_updates))
+        self.threshold.copy_(torch.lerp(self.threshold.clamp_min(0), kept.min(), rate))
 
     def reconstruction_losses(self, x_n: torch.Tensor, code: SparseCode) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """``(loss, x_hat_n, terms)`` of the reconstruction (Matryoshka overrides it)."""
