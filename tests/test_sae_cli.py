@@ -34,6 +34,10 @@ def test_fit_then_validate_reports_metrics_and_exports_the_sae(sae_stores, tmp_p
     assert isinstance(module, SAETraining) and isinstance(module.sae, TopKSAE)
     assert trainer.global_step == 2 * 12  # 12,800 patch tokens / 1024 per batch, last one dropped
     assert bool(module.sae.initialized) and module.sae.input_scale.item() != 1.0
+    # lr: 5 warm-up steps to the peak, then constant, then linear decay to 0 over the last 20 % (4 steps)
+    lrs = [module.lr_schedulers().lr_lambdas[0](step) for step in range(24)]
+    assert lrs[0] == pytest.approx(0.2) and lrs[4] == lrs[20] == 1.0 and lrs[21:] == [0.75, 0.5, 0.25]
+    assert trainer.optimizers[0].param_groups[0]["lr"] == 0.0
     metrics = trainer.callback_metrics
     for key in ("val/fvu", "val/explained_variance", "val/l0", "val/dead_latents", "val/dense_latents",
                 "val/cosine_similarity", "val/relative_reconstruction_bias", "val/decoder_coherence",

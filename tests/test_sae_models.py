@@ -297,3 +297,22 @@ def test_bad_configuration_gives_one_clear_error(tmp_path):
         load_sae(tmp_path / "missing.safetensors")
     assert {ReLUSAE, JumpReLUSAE, AbsTopKSAE, TopAFASAE} <= set(VARIANTS.values())
     assert batch_variance(torch.ones(4, 3)).item() == 0.0
+
+
+def test_decoder_constraint_removes_the_parallel_gradient_and_renormalises(tokens):
+    x, _ = tokens
+    sae = make("TopKSAE", x)
+    sae.loss(sae.normalize(x[:1024])).loss.backward()
+    before = sae.W_dec.grad.clone()
+    sae.remove_parallel_grad_()
+    along = (sae.W_dec.grad * sae.W_dec).sum(1)
+    torch.testing.assert_close(along, torch.zeros_like(along), atol=1e-7, rtol=0)
+    torch.testing.assert_close(before - sae.W_dec.grad, (before * sae.W_dec).sum(1, keepdim=True) * sae.W_dec)
+    with torch.no_grad():
+        sae.W_dec.mul_(3.0)
+    sae.normalize_decoder_()
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(D_SAE))
+    relu = make("ReLUSAE", x)  # free decoder norms: left alone
+    norms = relu.W_dec.norm(dim=1).clone()
+    relu.normalize_decoder_()
+    torch.testing.assert_close(relu.W_dec.norm(dim=1), norms)

@@ -490,7 +490,9 @@ class ReLUSAE(SparseAutoencoder):
     ``E||x_n - x_hat_n||^2 + l1_coeff * E sum_i f_i ||W_dec,i||``. The decoder is not norm-constrained (the
     penalty makes shrinking it useless); its rows start at norm ``decoder_init_norm`` (0.1; the update draws
     them with norms 0.05-1). ``l1_coeff`` is warmed up linearly over the first ``l1_warmup_steps`` steps
-    (the update: the first 5 % of training) by the training module.
+    of training (the update: the first 5 %), counted by the SAE's ``step`` buffer. The update encodes ``x``
+    itself and starts ``b_dec`` at 0; here, as in every variant, ``b_dec`` (the geometric median) is
+    subtracted first (module docstring).
 
     Args:
         l1_coeff: the sparsity coefficient lambda (the update used 5 with ``E||x|| = sqrt(d)``).
@@ -570,7 +572,10 @@ class JumpReLUSAE(SparseAutoencoder):
     ``f = z * H(z - theta)`` with a learned threshold per latent (``theta = exp(log_threshold)``), loss =
     ``E||x_n - x_hat_n||^2 + l0_coeff * E||f||_0``. The step function has no gradient; ``theta`` learns through the
     straight-through pseudo-derivatives with a rectangle kernel of width ``bandwidth`` (eqs. 11-12); ``z`` gets
-    gradient only from the reconstruction. The decoder rows are kept at unit norm.
+    gradient only from the reconstruction. The decoder rows are kept at unit norm (dictionary_learning's
+    JumpReLU trainer does the same). The paper encodes ``x`` itself; here, as in every variant, ``b_dec`` is
+    subtracted first (SAELens' default). The paper scales inputs to ``E||x||^2 = d``, this SAE to
+    ``E||x|| = sqrt(d)``: about the same scale.
 
     Args:
         l0_coeff: sparsity coefficient lambda.
