@@ -118,6 +118,11 @@ def geometric_median(points: torch.Tensor, iterations: int = 50, eps: float = 1e
     return median.to(points.dtype)
 
 
+def squared_error(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """``E ||x - x_hat||^2`` over a batch (N, d): squared error summed over dimensions, mean over rows."""
+    return (x_hat - x).pow(2).sum(-1).mean()
+
+
 def batch_variance(x: torch.Tensor) -> torch.Tensor:
     """``sum ||x - mean(x)||^2 / N`` over a batch (N, d): the total variance around the per-dimension mean."""
     return (x - x.mean(0)).pow(2).sum(-1).mean()
@@ -255,9 +260,9 @@ class SparseAutoencoder(nn.Module):
         """One training step's loss on normalised inputs ``x_n`` (N, d_model)."""
         raise NotImplementedError
 
-    def _result(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], x_n: torch.Tensor,
-                x_hat: torch.Tensor, code: SparseCode) -> SAELoss:
-        terms = {"mse": (x_hat - x_n).pow(2).sum(-1).mean(), **terms}
+    def _result(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], x_hat: torch.Tensor,
+                code: SparseCode) -> SAELoss:
+        """The :class:`SAELoss` of a step (``terms`` must hold ``mse``), with the firing counts of ``code``."""
         if self.distinct_ids:  # no id twice in a row: count active slots directly (no sort)
             active = code.values != 0
             fired, l0 = torch.bincount(code.indices[active], minlength=self.d_sae), active.sum(1)
@@ -350,18 +355,19 @@ class TopKSAE(SparseAutoencoder):
         values = self.activate(values)
         code = SparseCode(values[:, : self.k], indices[:, : self.k])
         x_hat = self.decode_n(code)
-        fvu = (x_hat - x_n).pow(2).sum(-1).mean() / batch_variance(x_n)
+        mse = squared_error(x_n, x_hat)
+        fvu = mse / batch_variance(x_n)
         auxk = torch.zeros_like(fvu)
         if dead is not None:
             auxk = self._auxk(x_n, x_hat, values[:, self.k :], indices[:, self.k :])
-        return self._result(fvu + self.aux_coeff * auxk, {"fvu": fvu, "auxk": auxk}, x_n, x_hat, code)
+        return self._result(fvu + self.aux_coeff * auxk, {"mse": mse, "fvu": fvu, "auxk": auxk}, x_hat, code)
 
     def _auxk(self, x_n: torch.Tensor, x_hat: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """AuxK: the dead latents' code (``values``, ``indices``, no ``b_dec``) against the detached residual,
         normalised by the residual's batch variance (openai ``normalized_mse``)."""
         residual = (x_n - x_hat).detach()
         e_hat = sparse_decode(values, indices, self.W_dec)
-        return (e_hat - residual).pow(2).sum(-1).mean() / batch_variance(residual).clamp_min(1e-12)
+        return squared_error(residual, e_hat) / batch_variance(residual).clamp_min(1e-12)
 
 
 class AbsTopKSAE(TopKSAE):
@@ -430,8 +436,9 @@ class BatchTopKSAE(TopKSAE):
     def reconstruction_losses(self, x_n: torch.Tensor, code: SparseCode) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """``(loss, x_hat_n, terms)`` of the reconstruction (Matryoshka overrides it)."""
         x_hat = self.decode_n(code)
-        fvu = (x_hat - x_n).pow(2).sum(-1).mean() / batch_variance(x_n)
-        return fvu, x_hat, {"fvu": fvu}
+        mse = squared_error(x_n, x_hat)
+        fvu = mse / batch_variance(x_n)
+        return fvu, x_hat, {"mse": mse, "fvu": fvu}
 
     def loss(self, x_n: torch.Tensor) -> SAELoss:
         code = self.batch_code(x_n)
@@ -442,7 +449,7 @@ class BatchTopKSAE(TopKSAE):
             z = self.pre_acts(x_n).masked_fill(~dead, -math.inf)
             aux_values, aux_indices = z.topk(min(self.k_aux, int(dead.sum())), dim=1, sorted=False)
             auxk = self._auxk(x_n, x_hat, F.relu(aux_values), aux_indices)
-        return self._result(loss + self.aux_coeff * auxk, {**terms, "auxk": auxk}, x_n, x_hat, code)
+        return self._result(loss + self.aux_coeff * auxk, {**terms, "auxk": auxk}, x_hat, code)
 
 
 class MatryoshkaSAE(BatchTopKSAE):
@@ -483,9 +490,10 @@ class MatryoshkaSAE(BatchTopKSAE):
     def reconstruction_losses(self, x_n: torch.Tensor, code: SparseCode) -> tuple[torch.Tensor, torch.Tensor, dict]:
         variance = batch_variance(x_n)
         x_hats = self.prefix_reconstructions(code)
-        fvus = [(x_hat - x_n).pow(2).sum(-1).mean() / variance for x_hat in x_hats]
+        errors = [squared_error(x_n, x_hat) for x_hat in x_hats]
+        fvus = [error / variance for error in errors]
         terms = {f"fvu_prefix_{m}": fvu for m, fvu in zip(self.prefixes, fvus)}
-        return torch.stack(fvus).sum(), x_hats[-1], {"fvu": fvus[-1], **terms}
+        return torch.stack(fvus).sum(), x_hats[-1], {"mse": errors[-1], "fvu": fvus[-1], **terms}
 
 
 class ReLUSAE(SparseAutoencoder):
@@ -527,8 +535,8 @@ class ReLUSAE(SparseAutoencoder):
         warm = min(1.0, (int(self.step) + 1) / self.l1_warmup_steps) if self.l1_warmup_steps else 1.0
         if self.training:
             self.step.add_(1)
-        mse = (x_hat - x_n).pow(2).sum(-1).mean()
-        return self._result(mse + warm * self.l1_coeff * l1, {"l1": l1}, x_n, x_hat, code)
+        mse = squared_error(x_n, x_hat)
+        return self._result(mse + warm * self.l1_coeff * l1, {"mse": mse, "l1": l1}, x_hat, code)
 
 
 def _rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -607,8 +615,8 @@ class JumpReLUSAE(SparseAutoencoder):
         # the code also holds the zeros within bandwidth / 2 below the threshold: eq. 11 needs d loss / d f there
         code = support_code(f, z.detach() > theta.detach() - self.bandwidth / 2)
         x_hat = self.decode_n(code)
-        mse = (x_hat - x_n).pow(2).sum(-1).mean()
-        return self._result(mse + self.l0_coeff * l0, {"l0_penalty": l0}, x_n, x_hat, code)
+        mse = squared_error(x_n, x_hat)
+        return self._result(mse + self.l0_coeff * l0, {"mse": mse, "l0_penalty": l0}, x_hat, code)
 
 
 class TopAFASAE(TopKSAE):
@@ -664,11 +672,12 @@ class TopAFASAE(TopKSAE):
         values = self.activate(values)
         code = self._afa(x_n, values[:, : self.k], indices[:, : self.k])
         x_hat = self.decode_n(code)
-        fvu = (x_hat - x_n).pow(2).sum(-1).mean() / batch_variance(x_n)
+        mse = squared_error(x_n, x_hat)
+        fvu = mse / batch_variance(x_n)
         afa = (code.values.norm(dim=1) - (x_n - self.b_dec).norm(dim=1)).pow(2).mean()
         auxk = self._auxk(x_n, x_hat, values[:, self.k :], indices[:, self.k :]) if dead is not None else None
-        terms = {"fvu": fvu, "afa": afa, "auxk": auxk if auxk is not None else torch.zeros_like(fvu)}
-        return self._result(fvu + self.afa_coeff * afa + self.aux_coeff * terms["auxk"], terms, x_n, x_hat, code)
+        terms = {"mse": mse, "fvu": fvu, "afa": afa, "auxk": auxk if auxk is not None else torch.zeros_like(fvu)}
+        return self._result(fvu + self.afa_coeff * afa + self.aux_coeff * terms["auxk"], terms, x_hat, code)
 
 
 class MPSAE(SparseAutoencoder):
@@ -712,8 +721,9 @@ class MPSAE(SparseAutoencoder):
     def loss(self, x_n: torch.Tensor) -> SAELoss:
         code = self.code(x_n)
         x_hat = self.decode_n(code)
-        fvu = (x_hat - x_n).pow(2).sum(-1).mean() / batch_variance(x_n)
-        return self._result(fvu, {"fvu": fvu}, x_n, x_hat, code)
+        mse = squared_error(x_n, x_hat)
+        fvu = mse / batch_variance(x_n)
+        return self._result(fvu, {"mse": mse, "fvu": fvu}, x_hat, code)
 
 
 #: Variants by class name (what :func:`load_sae` resolves the JSON's ``class`` with).
