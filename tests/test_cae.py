@@ -36,7 +36,7 @@ def test_defaults_follow_the_paper():
     assert isinstance(model.mask_generator, BlockMask) and model.mask_generator.mask_ratio == 0.5
     assert model.align_weight == 2.0
     assert len(model.regressor.blocks) == 4 and len(model.decoder.blocks) == 4
-    assert model.hparams["mask"].startswith("BlockMask")
+    assert model.hparams["mask"]["class_path"].endswith("BlockMask")
 
 
 def test_shapes_and_finite_losses(cae, cifar_batch):

@@ -1,4 +1,4 @@
-"""Feature-extraction and feature-store throughput (issue 5, "Speed").
+"""Feature-extraction and feature-store throughput.
 
 (a) Extraction, images/s over the same real CIFAR-10 batches (ViT-Tiny/4, 32 px, cls + mean + patch
 tokens, last block): timm's plain ``forward_features`` (the ceiling), ``FeatureExtractor.predict_step``

@@ -1,4 +1,4 @@
-"""Pictures of what SAE latents respond to (issue 6): per latent a grid of its top-activating images with the
+"""Pictures of what SAE latents respond to: per latent a grid of its top-activating images with the
 patch heatmap over them, a latent-frequency histogram, a per-class activation table and an index.html.
 
     python tools/sae_gallery.py --sae runs/sae/topk/sae.safetensors --store runs/features/cifar10_train \\

@@ -63,9 +63,14 @@ def create_vit(
     kwargs = {"num_classes": 0, **kwargs}
     try:
         model = timm.create_model(name, pretrained=False, img_size=img_size, patch_size=patch_size, **kwargs)
-    except TypeError:  # a model family without img_size / patch_size: not a ViT
+    except TypeError as err:  # a model family without img_size / patch_size, or a wrong keyword argument
         with torch.device("meta"):
             model = timm.create_model(name, pretrained=False)
+        if isinstance(model, VisionTransformer):  # a ViT after all: the user's kwargs are what it refused
+            raise ConfigError(
+                f"timm's '{name}' does not take backbone_kwargs {kwargs}: {err}. Fix: remove them, or use ones "
+                "timm's VisionTransformer takes (e.g. drop_path_rate, init_values)."
+            ) from err
     if not isinstance(model, VisionTransformer):
         raise ConfigError(
             f"'{name}' builds a {type(model).__name__}, but this method needs a timm "

@@ -13,7 +13,10 @@ from mim.sae.models import save_sae
 
 class _ExportAtFitEnd(L.Callback):
     """Save something of the module as ``<dirpath>/<filename>.safetensors`` (+ ``.json``) at the end of fit, on
-    global rank 0 (``dirpath`` default: the run's log directory)."""
+    global rank 0 (``dirpath`` default: the run's log directory).
+
+    Under DDP every rank resolves the folder (``trainer.log_dir`` is a broadcast), rank 0 writes (atomically),
+    and all ranks meet at a barrier afterwards, so no rank leaves ``fit`` before the file exists."""
 
     def __init__(self, dirpath: str | None, filename: str) -> None:
         self.dirpath, self.filename = dirpath, filename
@@ -23,10 +26,11 @@ class _ExportAtFitEnd(L.Callback):
         raise NotImplementedError
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        dirpath = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)
-        self.path = self.save(pl_module, dirpath / f"{self.filename}.safetensors")
+        dirpath = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)  # a collective: all ranks
+        self.path = dirpath / f"{self.filename}.safetensors"
+        if trainer.is_global_zero:
+            self.path = self.save(pl_module, self.path)
+        trainer.strategy.barrier(f"mim_export_{self.filename}")
 
 
 class ExportEncoder(_ExportAtFitEnd):

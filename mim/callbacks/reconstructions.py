@@ -17,9 +17,9 @@ class ReconstructionImages(L.Callback):
     Rows are images; columns are original | masked (grey) | reconstruction with the visible patches
     pasted back (MAE, He et al. 2021, arXiv 2111.06377, Fig. 2). The same ``num_images``
     validation images (evenly spaced over the validation set) and the same masks (``seed``) are
-    used every time, so grids compare across
-    epochs. Written to ``<log_dir>/reconstructions/epoch=NNN.png`` and, with a TensorBoard logger,
-    as the image ``reconstructions``.
+    used every time, so grids compare across epochs. Written by global rank 0 to
+    ``<log_dir>/reconstructions/epoch=NNN.png`` and, with a TensorBoard logger, as the image
+    ``reconstructions``; under DDP every rank takes part in resolving ``log_dir`` (a broadcast).
 
     The module must provide ``reconstruct(imgs, generator) -> {"mask": (B,1,H,W), "reconstruction":
     (B,3,H,W)}`` in normalised space; images are un-normalised with ``trainer.datamodule.mean/std``
@@ -47,9 +47,11 @@ class ReconstructionImages(L.Callback):
         return torch.stack([dataset[i][0] for i in ids])
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
-        if (trainer.current_epoch + 1) % self.every_n_epochs:
+        # ``trainer.log_dir`` is a broadcast under DDP: every rank asks for it, only rank 0 writes.
+        folder = Path(trainer.log_dir or trainer.default_root_dir) / "reconstructions"
+        if not trainer.is_global_zero:
             return
         if self.images is None:
             self.images = self._pick_images(trainer)
@@ -67,7 +69,6 @@ class ReconstructionImages(L.Callback):
         if self.scale > 1:  # small images (CIFAR's 32 px) are easier to see enlarged
             rows = F.interpolate(rows, scale_factor=self.scale, mode="nearest")
         grid = make_grid(rows, nrow=3, padding=2, pad_value=1.0)
-        folder = Path(trainer.log_dir or trainer.default_root_dir) / "reconstructions"
         folder.mkdir(parents=True, exist_ok=True)
         self.last_path = folder / f"epoch={trainer.current_epoch:03d}.png"
         save_image(grid, self.last_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import lightning as L
 import torch
@@ -21,6 +22,7 @@ from mim.data.datasets import (
     stratified_fraction,
     targets_of,
 )
+from mim.data.resumable import ResumableSampler, SampleRNG, batches_done
 from mim.data.transforms import IMAGENET_CROP_PCT, eval_transform, train_transform
 
 
@@ -43,6 +45,34 @@ def _seed_worker(worker_id: int) -> None:
         ds.transform.set_random_seed(torch.initial_seed() % 2**32)
 
 
+class _SeededItems(Dataset):
+    """Items ``(index, seed)`` of a :class:`TransformedDataset`: the augmentation draws from a
+    :class:`~mim.data.resumable.SampleRNG` reseeded to ``seed`` first, so an image's crop and flip do not
+    depend on the worker or rank that decodes it."""
+
+    def __init__(self, dataset: TransformedDataset) -> None:
+        self.dataset = dataset
+        self._rng = SampleRNG()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple:
+        index, seed = item
+        rng = self._rng.reseed(seed)
+        self.dataset.transform.set_random_state(rng.numpy, rng.python)
+        return self.dataset[index]
+
+
+def _unwrap(ds: Dataset) -> tuple[Dataset, list[int]]:
+    """``(base dataset, its indices)`` of a dataset or a (nested) ``Subset``."""
+    indices = list(range(len(ds)))  # type: ignore[arg-type]
+    while isinstance(ds, Subset):
+        indices = [ds.indices[i] for i in indices]
+        ds = ds.dataset
+    return ds, indices
+
+
 class ImageDataModule(L.LightningDataModule):
     """Image classification data for masked-image-model pretraining and evaluation.
 
@@ -54,7 +84,10 @@ class ImageDataModule(L.LightningDataModule):
     ``predict_split``.
 
     Args:
-        dataset: one of ``cifar10``, ``cifar100``, ``stl10``, ``imagefolder``.
+        dataset: one of ``cifar10``, ``cifar100``, ``stl10``, ``imagefolder``, ``litdata`` (LitData
+            shards ``<root>/{train,val}`` written by ``tools/to_litdata.py``, local or ``s3://``;
+            streamed by :mod:`mim.data.litdata`, whose ``meta.json`` supplies mean / std / native
+            size when those are left unset; no subsets, ``seed`` is its shuffle seed).
         root: data root; None: the ``MIM_DATA`` environment variable, else ``./data``. Where each
             dataset is looked for under it: datasets/README.md.
         img_size: model input side in pixels.
@@ -75,7 +108,8 @@ class ImageDataModule(L.LightningDataModule):
             (0.4914, 0.4822, 0.4465) / (0.2470, 0.2435, 0.2616), CIFAR-100 (0.5071, 0.4865, 0.4409)
             / (0.2673, 0.2564, 0.2762), STL10 and imagefolder ImageNet's).
         train_split: stl10 only: ``train`` (default), ``test``, ``unlabeled`` or ``train+unlabeled``.
-        seed: seed of the ``fraction`` subset.
+        seed: seed of the ``fraction`` subset and, plus the run's ``seed_everything``, of the training order
+            and of each image's augmentation (:mod:`mim.data.resumable`).
         train_augment: ``False`` gives the train split the deterministic eval transform (feature
             caching, extraction of train features).
         return_index: batches become ``(imgs, labels, indices)``, ``indices`` (B,) int64 positions of
@@ -145,6 +179,10 @@ class ImageDataModule(L.LightningDataModule):
             raise ConfigError(f"predict_split must be 'train' or 'val', got {predict_split!r}")
         if download and dataset == "imagefolder":
             raise ConfigError("download is for cifar10, cifar100 and stl10; imagefolder data must be placed by hand")
+        if dataset == "litdata":  # needs the litdata package (the [stream] extra)
+            from mim.data.litdata import check_args
+
+            check_args(dict(self.hparams))
 
         self.dataset = dataset
         self.root = root
@@ -161,6 +199,8 @@ class ImageDataModule(L.LightningDataModule):
         self.skipped_images: list[str] = []  # files dropped by skip_bad_images
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self.train_sampler: ResumableSampler | None = None
+        self._resume: dict[str, int] | None = None  # sampler position from a checkpoint (load_state_dict)
 
     def prepare_data(self) -> None:
         """Download (only when ``download=True`` and the data is not already under root)."""
@@ -175,6 +215,10 @@ class ImageDataModule(L.LightningDataModule):
         """
         hp = self.hparams
         wants_train = stage in (None, "fit") or (stage == "predict" and hp.predict_split == "train")
+        if self.dataset == "litdata":  # streamed shards <root>/{train,val} (mim/data/litdata.py)
+            from mim.data.litdata import setup_litdata
+
+            return setup_litdata(self, wants_train)
         if self.train_set is None and wants_train:
             raw = self._raw("train")
             targets = targets_of(raw)
@@ -207,13 +251,18 @@ class ImageDataModule(L.LightningDataModule):
         self.num_classes = len(raw.classes)  # type: ignore[attr-defined]
         return raw
 
-    def _loader(self, ds: Dataset | None, train: bool) -> DataLoader:
+    def _loader(self, ds: Dataset | None, train: bool, sampler: ResumableSampler | None = None) -> DataLoader:
         if ds is None:
             raise RuntimeError("ImageDataModule.setup() must run before asking for a dataloader")
+        if self.dataset == "litdata":  # LitData's StreamingDataLoader: it shards ranks/workers and resumes
+            from mim.data.litdata import streaming_loader
+
+            return streaming_loader(ds, self.batch_size, self.num_workers, train)
         return DataLoader(
             ds,
             batch_size=self.batch_size,
-            shuffle=train,
+            shuffle=train and sampler is None,
+            sampler=sampler,
             drop_last=train,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -221,17 +270,56 @@ class ImageDataModule(L.LightningDataModule):
             worker_init_fn=_seed_worker,
         )
 
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _sampled_loader(self, ds: Dataset | None, train: bool) -> DataLoader:
+        """A loader over ``ds`` drawn by a :class:`ResumableSampler` (exact resume, no DDP padding)."""
+        if ds is None or self.dataset == "litdata":
+            return self._loader(ds, train)
+        base, indices = _unwrap(ds)
+        rank, world = self._world()
+        seeded = train and self.hparams.train_augment and isinstance(base, TransformedDataset)
+        seed = self.hparams.seed + int(os.environ.get("PL_GLOBAL_SEED", 0))
+        sampler = ResumableSampler(indices, self.batch_size, shuffle=train, drop_last=train, seed=seed, rank=rank,
+                                   world_size=world, with_seeds=seeded)
+        if train:
+            self.train_sampler = sampler
+            if self._resume:
+                sampler.load_state_dict(self._resume)
+                self._resume = None
+        return self._loader(_SeededItems(base) if seeded else base, train, sampler)
+
     def train_dataloader(self) -> DataLoader:
-        """Shuffled train batches ``(imgs, labels)``; the last incomplete batch is dropped."""
-        return self._loader(self.train_set, train=True)
+        """Shuffled train batches ``(imgs, labels)``; the last incomplete global batch is dropped.
+
+        Under DDP rank ``r`` gets the ``r``-th ``batch_size`` slice of each global batch
+        (:class:`~mim.data.resumable.ResumableSampler`), so the images of one step over all ranks are those
+        of one process with ``world_size`` times the batch; order and augmentation depend only on
+        ``seed`` (+ the run's ``seed_everything``), the epoch and the image.
+        """
+        return self._sampled_loader(self.train_set, train=True)
 
     def val_dataloader(self) -> DataLoader:
-        """Val split in order, eval transform, last batch kept."""
-        return self._loader(self.val_set, train=False)
+        """Val split in order, eval transform, last batch kept; under DDP rank ``r`` takes images
+        ``r, r + world_size, ...`` (no image repeated to even out the ranks)."""
+        return self._sampled_loader(self.val_set, train=False)
 
     def test_dataloader(self) -> DataLoader:
         """Same as ``val_dataloader`` (the val split is the datasets' test set)."""
-        return self._loader(self.val_set, train=False)
+        return self.val_dataloader()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training sampler's position (``{"train_sampler": {"epoch", "batches"}}``) for the checkpoint."""
+        if self.train_sampler is None or self.trainer is None or self.trainer.state.fn != "fit":
+            return {}
+        per_epoch = len(self.train_sampler) // self.batch_size
+        return {"train_sampler": batches_done(self.trainer, per_epoch)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the training order where ``state_dict`` (from :meth:`state_dict`) left it."""
+        self._resume = state_dict.get("train_sampler")
 
     def predict_dataloader(self) -> DataLoader:
         """The ``predict_split`` (default val) in dataset order, last batch kept (for extraction; with

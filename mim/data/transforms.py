@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
 
 # albumentations checks PyPI for a newer version at import; there is no network here.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -20,6 +23,44 @@ from albumentations.pytorch import ToTensorV2  # noqa: E402
 #: Crop fraction used by ``eval_transform`` for images larger than the model input: resize the
 #: shorter side to ``img_size / 0.875`` and center-crop (the usual ImageNet convention, 224/256).
 IMAGENET_CROP_PCT = 0.875
+#: ``eval_transform`` first center-crops the long side of images more elongated than this (w/h or h/w).
+MAX_EVAL_ASPECT = 8.0
+
+
+class CenterCropAspect(A.ImageOnlyTransform):
+    """Center-crop the long side so that ``long <= ceil(max_ratio * short)``; other images pass unchanged.
+
+    Used by ``eval_transform`` before resizing the shorter side: a 1 x 20000 panorama would
+    otherwise be resized to ``S x 20000*S`` pixels (about 1 GB at S = 256) only to keep its center.
+    The center crop of ``eval_transform`` keeps at most ``short`` pixels of the long side, so with
+    ``max_ratio >= 3`` the same central region is kept; only the resampling grid moves by a
+    fraction of a pixel (the rounded resized length changes).
+
+    Args:
+        max_ratio: largest long/short side ratio left untouched (> 0).
+        p: probability of applying the transform.
+    """
+
+    def __init__(self, max_ratio: float = MAX_EVAL_ASPECT, p: float = 1.0) -> None:
+        super().__init__(p=p)
+        if max_ratio <= 0:
+            raise ValueError(f"max_ratio must be > 0, got {max_ratio}")
+        self.max_ratio = max_ratio
+
+    def apply(self, img: np.ndarray, **params: Any) -> np.ndarray:
+        h, w = img.shape[:2]
+        if w > self.max_ratio * h:
+            keep = max(1, int(np.ceil(self.max_ratio * h)))
+            x0 = (w - keep) // 2
+            return img[:, x0 : x0 + keep]
+        if h > self.max_ratio * w:
+            keep = max(1, int(np.ceil(self.max_ratio * w)))
+            y0 = (h - keep) // 2
+            return img[y0 : y0 + keep]
+        return img
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("max_ratio",)
 
 
 def train_transform(
@@ -39,6 +80,10 @@ def train_transform(
         img_size: output side in pixels (square).
         mean, std: per-channel RGB statistics in [0, 1] units (pixel / 255).
         scale: range of the crop area as a fraction of the image area (aspect ratio 3/4..4/3).
+
+    Any input size works, down to 1 x 1 and extreme aspect ratios such as 3 x 1000: when no crop
+    with the sampled scale and ratio fits (10 tries), albumentations falls back to a center crop
+    of the largest ratio-clamped box.
 
     Returns:
         a pipeline ``f(image=(H, W, 3) uint8) -> {"image": (3, img_size, img_size) float32}``.
@@ -64,7 +109,10 @@ def eval_transform(
     The shorter side is resized (bicubic) to ``round(img_size / crop_pct)`` then the center
     ``img_size x img_size`` is kept. ``crop_pct=1.0`` only resizes (right for CIFAR at 32 px, where
     the native size equals the input size); ``0.875`` is the ImageNet convention (256 -> 224) that
-    ``ImageDataModule`` uses when the native size differs from ``img_size``.
+    ``ImageDataModule`` uses when the native size differs from ``img_size``. Images more
+    elongated than ``MAX_EVAL_ASPECT`` (8:1) are first center-cropped to 8:1 (``CenterCropAspect``:
+    the same central region, resampled on a grid shifted by a fraction of a pixel), so a
+    1 x 20000 image stays cheap.
 
     Args:
         img_size: output side in pixels (square).
@@ -81,6 +129,7 @@ def eval_transform(
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
     return A.Compose(
         [
+            CenterCropAspect(MAX_EVAL_ASPECT),
             A.SmallestMaxSize(max_size=round(img_size / crop_pct), interpolation=cv2.INTER_CUBIC),
             A.CenterCrop(height=img_size, width=img_size),
             A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0),

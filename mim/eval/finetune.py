@@ -248,7 +248,7 @@ class FineTune(PretrainModule):
             if len(imgs) == 0:
                 return None
             imgs, targets = self.mixup_fn(imgs, labels)
-        loss = self.check_finite(self.criterion(self(imgs), targets))
+        loss = self.check_finite(self.criterion(self(imgs), targets), "train/loss (cross-entropy)")
         self.log("train/loss", loss, prog_bar=True, batch_size=len(imgs))
         return loss
 

@@ -9,7 +9,7 @@ labels ``< 0`` (unlabelled images) are ignored.
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import Any, get_args
 
 import lightning as L
 import torch
@@ -17,15 +17,24 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from mim.errors import ConfigError
 from mim.eval.features import Pool, frozen_features, pool_tokens
-from mim.eval.knn import knn_top1
+from mim.eval.knn import weighted_knn_scores
+from mim.sync_batchnorm import SyncedBatchNorm
+
+
+def _check_common(num_classes: int | None, pool: str, who: str) -> None:
+    if pool not in get_args(Pool):
+        raise ConfigError(f"{who} pool must be one of {list(get_args(Pool))}, got {pool!r}. Fix: set its init_args pool.")
+    if num_classes is not None and num_classes < 2:
+        raise ConfigError(f"{who} needs num_classes >= 2 (or null: the datamodule's), got {num_classes}.")
 
 
 def _num_classes(num_classes: int | None, trainer: L.Trainer, who: str) -> int:
     if num_classes is None:
         num_classes = getattr(trainer.datamodule, "num_classes", None)
     if num_classes is None:
-        raise ValueError(f"{who} needs num_classes: set it in the callback's init_args.")
+        raise ConfigError(f"{who} needs num_classes: the datamodule has none. Fix: set it in the callback's init_args.")
     return int(num_classes)
 
 
@@ -86,6 +95,12 @@ class OnlineLinearProbe(L.Callback):
         weight_decay: float = 0.0,
         name: str = "probe",
     ) -> None:
+        _check_common(num_classes, pool, type(self).__name__)
+        if lr <= 0 or weight_decay < 0:
+            raise ConfigError(
+                f"OnlineLinearProbe needs lr > 0 and weight_decay >= 0, got {lr}, {weight_decay}. Fix: set the "
+                "callback's init_args lr (e.g. 0.001) and weight_decay (e.g. 0)."
+            )
         self.num_classes, self.pool, self.lr, self.weight_decay = num_classes, pool, lr, weight_decay
         self.name = name
         self.head: nn.Module | None = None
@@ -100,7 +115,8 @@ class OnlineLinearProbe(L.Callback):
             return
         num_classes = _num_classes(self.num_classes, trainer, type(self).__name__)
         dim = pl_module.encoder.num_features
-        self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, num_classes))
+        # statistics over all ranks' batches: 2 ranks of batch B train as one process of batch 2B
+        self.head = nn.Sequential(SyncedBatchNorm(dim, affine=False), nn.Linear(dim, num_classes))
         nn.init.trunc_normal_(self.head[1].weight, std=0.01)  # MAE's probe init
         nn.init.zeros_(self.head[1].bias)
         self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=self.lr, weight_decay=self.weight_decay)
@@ -124,20 +140,24 @@ class OnlineLinearProbe(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         imgs, labels = batch[0], batch[1]
-        if not bool((labels >= 0).any()):
+        valid = labels >= 0
+        labelled = valid.sum()
+        if trainer.world_size > 1:  # every rank takes part in the same collectives, labelled images or not
+            labelled = trainer.strategy.reduce(labelled.float(), reduce_op="sum")
+        if not bool(labelled > 0):
             return
         features = _features(trainer, pl_module, imgs, self.pool)
         self.head.train()
         with torch.enable_grad():
             logits = self.head(features)
-            loss = F.cross_entropy(logits, labels, ignore_index=-1)
+            # mean over the labelled images of all ranks once the gradients are averaged over ranks
+            loss = F.cross_entropy(logits, labels, ignore_index=-1, reduction="sum") * trainer.world_size / labelled
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if trainer.world_size > 1:  # keep the heads of all ranks identical
             for p in self.head.parameters():
                 p.grad = trainer.strategy.reduce(p.grad, reduce_op="mean")
         self.optimizer.step()
-        valid = labels >= 0
         top1 = (logits.argmax(-1)[valid] == labels[valid]).float().mean()
         pl_module.log(f"{self.name}/train_loss", loss.detach(), batch_size=imgs.shape[0])
         pl_module.log(f"{self.name}/train_top1", top1, batch_size=imgs.shape[0])
@@ -158,8 +178,9 @@ class OnlineLinearProbe(L.Callback):
         self.val_top1.update(logits, labels)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.val_top1.update_count:
-            pl_module.log(f"{self.name}/val_top1", self.val_top1.compute(), prog_bar=True)
+        # compute() sums the counts of all ranks (torchmetrics), so every rank logs the global accuracy
+        if self.val_top1.update_count or trainer.world_size > 1:
+            pl_module.log(f"{self.name}/val_top1", self.val_top1.compute(), prog_bar=True, sync_dist=True)
         self.val_top1.reset()
 
     def state_dict(self) -> dict[str, Any]:
@@ -189,7 +210,9 @@ class OnlineKNN(L.Callback):
         num_classes: classes; default ``trainer.datamodule.num_classes``.
         name: prefix of the logged metric.
 
-    Logs ``<name>/val_top1`` in [0, 1] (nothing before the first training epoch).
+    Logs ``<name>/val_top1`` in [0, 1] (nothing before the first training epoch), counted over the
+    validation images of all ranks. The bank is saved in checkpoints, so a run resumed mid-epoch votes
+    with the same bank as an uninterrupted one.
     """
 
     def __init__(
@@ -201,6 +224,12 @@ class OnlineKNN(L.Callback):
         num_classes: int | None = None,
         name: str = "knn",
     ) -> None:
+        _check_common(num_classes, pool, type(self).__name__)
+        if k < 1 or temperature <= 0 or max_bank_size < 1:
+            raise ConfigError(
+                f"OnlineKNN needs k >= 1, temperature > 0 and max_bank_size >= 1, got {k}, {temperature}, "
+                f"{max_bank_size}. Fix: set the callback's init_args (DINO's: k 20, temperature 0.07)."
+            )
         self.k, self.temperature, self.pool = k, temperature, pool
         self.max_bank_size, self.num_classes, self.name = max_bank_size, num_classes, name
         self._reset()
@@ -245,16 +274,38 @@ class OnlineKNN(L.Callback):
             self.query_labels.append(labels)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.bank or not self.queries:
+        # Every rank has trained on as many batches, so all have a bank or none does (no rank skips a collective).
+        if not self.bank:
             return
         bank, bank_labels = torch.cat(self.bank), torch.cat(self.bank_labels)
-        if trainer.world_size > 1:
+        if trainer.world_size > 1:  # equal bank sizes on all ranks (same batches per rank)
             bank = trainer.strategy.all_gather(bank).flatten(0, 1)
             bank_labels = trainer.strategy.all_gather(bank_labels).flatten(0, 1)
         keep = bank_labels >= 0
-        queries, query_labels = torch.cat(self.queries), torch.cat(self.query_labels)
+        if self.queries:
+            queries, query_labels = torch.cat(self.queries), torch.cat(self.query_labels)
+        else:  # fewer validation images than ranks
+            queries, query_labels = bank.new_zeros(0, bank.shape[1]), bank_labels.new_zeros(0)
         self.queries, self.query_labels = [], []
         if not bool(keep.any()):
             return
-        top1 = knn_top1(bank, bank_labels, queries, query_labels, self.num_classes, self.k, self.temperature)
-        pl_module.log(f"{self.name}/val_top1", top1, prog_bar=True)
+        scores = weighted_knn_scores(bank[keep], bank_labels[keep], queries, self.num_classes, self.k, self.temperature)
+        labelled = query_labels >= 0
+        counts = torch.stack([(scores.argmax(-1) == query_labels)[labelled].sum(), labelled.sum()]).float()
+        if trainer.world_size > 1:
+            counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        if bool(counts[1] > 0):
+            pl_module.log(f"{self.name}/val_top1", counts[0] / counts[1], prog_bar=True, sync_dist=True)  # global already
+
+    def state_dict(self) -> dict[str, Any]:
+        if not self.bank:
+            return {}
+        return {"bank": torch.cat(self.bank).cpu(), "bank_labels": torch.cat(self.bank_labels).cpu()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict:  # moved to the module's device by the next torch.cat with device features
+            self.bank, self.bank_labels = [state_dict["bank"]], [state_dict["bank_labels"]]
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.bank = [b.to(pl_module.device) for b in self.bank]
+        self.bank_labels = [b.to(pl_module.device) for b in self.bank_labels]

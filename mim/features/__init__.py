@@ -1,4 +1,4 @@
-"""Frozen features on disk (issue 5, item 5): extraction with ``mim predict`` into a feature store, and
+"""Frozen features on disk: extraction with ``mim predict`` into a feature store, and
 memory-mapped, shuffled reading of it (for probes and sparse autoencoders)."""
 
 from mim.features.extract import FeatureExtractor, FeatureStoreWriter

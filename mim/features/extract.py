@@ -1,12 +1,14 @@
-"""Frozen-feature extraction with ``mim predict`` (issue 5, item 5): a LightningModule that runs a frozen
+"""Frozen-feature extraction with ``mim predict``: a LightningModule that runs a frozen
 encoder up to a chosen block, and a ``BasePredictionWriter`` that writes its outputs into a feature store
-(:mod:`mim.features.store`).
+(:mod:`mim.features.store`), after checking that the folder is writable and its disk has room.
 
 ``mim predict -c configs/extract/vit_tiny_cifar10.yaml --model.init_args.encoder runs/.../encoder.safetensors``
 """
 
 from __future__ import annotations
 
+import math
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from mim.errors import ConfigError
 from mim.eval.encoders import load_encoder_from
+from mim.export import OutputError, check_writable
 from mim.features.store import (
     FORMAT_VERSION,
     TOKEN_KINDS,
@@ -148,6 +151,27 @@ class FeatureExtractor(L.LightningModule):
         rows = {k: v.to(self.out_dtype).cpu() for k, v in self(imgs).items()}
         return {**rows, "labels": labels.long().cpu(), "indices": indices.long().cpu()}
 
+    def tokens_per_image(self, img_size: int | None = None) -> int:
+        """Feature vectors stored per image: 1 per ``cls`` / ``mean``, ``L`` for ``patch``. ``L`` is the
+        patch grid once a batch ran, else ``ceil(img_size / reduction)^2`` with the layer's stride
+        (timm ``feature_info``), else the ViT's own grid."""
+        count = sum(1 for t in self.tokens if t != "patch")
+        if "patch" in self.tokens:
+            if self.patch_grid is not None:
+                count += self.patch_grid[0] * self.patch_grid[1]
+            elif img_size is not None:
+                count += math.ceil(img_size / self.encoder.feature_info[self.layer]["reduction"]) ** 2
+            else:
+                grid = getattr(getattr(self.encoder, "patch_embed", None), "grid_size", (0, 0))
+                count += int(grid[0]) * int(grid[1])
+        return count
+
+    def bytes_per_image(self, img_size: int | None = None) -> int:
+        """Bytes one image takes in the store: ``tokens_per_image x d_model x itemsize`` of ``dtype``,
+        plus its label and index (2 x int64)."""
+        itemsize = torch.empty((), dtype=self.out_dtype).element_size()
+        return self.tokens_per_image(img_size) * self.d_model * itemsize + 16
+
     def store_identity(self) -> dict[str, Any]:
         """The metadata fields of this extractor that a reused store must match (see ``IDENTITY_KEYS``)."""
         info = self.encoder_info
@@ -193,6 +217,49 @@ def data_identity(trainer: L.Trainer) -> dict[str, Any]:
     }
 
 
+def predict_images(trainer: L.Trainer) -> int | None:
+    """How many images ``trainer.predict`` will see: the datamodule's predict split, cut by
+    ``limit_predict_batches`` (per rank, as Lightning applies it); ``None`` without a datamodule."""
+    dm = trainer.datamodule
+    if dm is None:
+        return None
+    loader = dm.predict_dataloader()
+    loader = loader[0] if isinstance(loader, (list, tuple)) else loader
+    try:
+        images, batches, batch_size = len(loader.dataset), len(loader), loader.batch_size or 1
+    except TypeError:  # an iterable dataset without a length
+        return None
+    limit = trainer.limit_predict_batches
+    if isinstance(limit, int):
+        batches = min(batches, limit * trainer.world_size)
+    elif limit is not None:
+        batches = int(batches * limit)
+    return min(images, batches * batch_size)
+
+
+#: Free space kept on top of the store's estimate: 5 % plus this many bytes.
+SPACE_MARGIN_BYTES = 64 * 2**20
+
+
+def check_free_space(path: Path, need: int, detail: str) -> None:
+    """Raise :class:`~mim.export.OutputError` unless the disk of ``path`` (its first existing parent) has
+    ``need * 1.05 + 64 MiB`` bytes free; shards of an old store at ``path`` (about to be cleared) count
+    as free. ``detail`` explains ``need`` in the message."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if path.is_dir():
+        free += sum(f.stat().st_size for f in path.glob("rank*-*.safetensors"))
+    wanted = int(need * 1.05) + SPACE_MARGIN_BYTES
+    if free < wanted:
+        raise OutputError(
+            f"the feature store {path} needs about {need / 1e9:.2f} GB ({detail}) but its disk has "
+            f"{free / 1e9:.2f} GB free (with a margin of 5 % + 64 MiB, {wanted / 1e9:.2f} GB are wanted). Fix: "
+            "free space, put the store on a bigger disk (--trainer.callbacks.init_args.path DIR), store fewer "
+            "tokens (--model.init_args.tokens [cls, mean]), half the bytes (--model.init_args.dtype bfloat16), "
+            "or fewer images (--trainer.limit_predict_batches N)."
+        )
+
+
 def _all_gather_object(obj: Any, world_size: int) -> list[Any]:
     if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
         return [obj]
@@ -223,6 +290,8 @@ class FeatureStoreWriter(BasePredictionWriter):
 
     Raises:
         FeatureStoreMismatchError: in ``setup``, a complete store with other settings (fields named).
+        OutputError: in ``setup``, before any encoding, an unwritable folder or a disk with less free space
+            than the estimated store (:meth:`check_output`).
         ConfigError: ``shard_size < 1``; a module without ``store_identity`` / ``store_details``.
     """
 
@@ -258,10 +327,31 @@ class FeatureStoreWriter(BasePredictionWriter):
             trainer.limit_predict_batches = 0
             rank_zero_info(f"Feature store {self.path} is complete with the same settings: reused, nothing extracted.")
             return
+        self.check_output(trainer, pl_module)
         if trainer.is_global_zero:
             clear_store(self.path)
         trainer.strategy.barrier("feature_store_cleared")
         self._writer = ShardWriter(self.path, trainer.global_rank, self.shard_size, trainer.world_size > 1)
+
+    def check_output(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Before any image is encoded: the store folder must be writable (created, a temporary file
+        tried) and its disk must hold the estimated store (:func:`predict_images` x
+        ``pl_module.bytes_per_image``, see :func:`check_free_space`). Every rank checks the same.
+
+        Raises:
+            OutputError: an unwritable folder, or too little free space (both sizes in GB).
+        """
+        fix = "pass a folder you can write: --trainer.callbacks.init_args.path DIR."
+        check_writable(self.path, "the feature store folder", fix)
+        images = predict_images(trainer)
+        if images is None or not hasattr(pl_module, "bytes_per_image"):
+            return
+        img_size = getattr(trainer.datamodule, "img_size", None)
+        detail = (
+            f"{images} images x {pl_module.tokens_per_image(img_size)} tokens x d_model {pl_module.d_model} in "
+            f"{pl_module.hparams.dtype}"
+        )
+        check_free_space(self.path, images * pl_module.bytes_per_image(img_size), detail)
 
     def write_on_batch_end(
         self,
@@ -308,4 +398,11 @@ class FeatureStoreWriter(BasePredictionWriter):
             self._saved_limit = None
 
 
-__all__ = ["DTYPES", "FeatureExtractor", "FeatureStoreWriter", "data_identity"]
+__all__ = [
+    "DTYPES",
+    "FeatureExtractor",
+    "FeatureStoreWriter",
+    "check_free_space",
+    "data_identity",
+    "predict_images",
+]

@@ -1,4 +1,4 @@
-"""The feature store: frozen encoder features on disk, for probes and sparse autoencoders (issue 5, item 5).
+"""The feature store: frozen encoder features on disk, for probes and sparse autoencoders.
 
 Layout of a store folder::
 
@@ -282,18 +282,19 @@ def _rebatch(chunks: Iterable[FeatureBatch], batch_size: int, drop_last: bool) -
 def _select(
     pieces: Iterable[tuple[FeatureBatch, torch.Tensor | None]], batch_size: int, offset: int, stride: int, stop: float
 ) -> Iterator[FeatureBatch]:
-    """The stream's rows at positions ``p < stop`` with ``(p // batch_size) % stride == offset``.
+    """The stream's rows at positions ``p < stop`` whose batch ``b = p // batch_size`` is ``offset + j * stride``.
 
     ``pieces`` are ``(rows, order)`` pairs: the stream goes on with ``rows[order]`` (``order`` None: ``rows``
     as they are). Only the kept rows are gathered, so a part of the stream costs a part of the copying."""
     start = 0
     for rows, order in pieces:
         n = len(rows.labels)
-        if stride == 1 and start + n <= stop:
+        if stride == 1 and offset * batch_size <= start and start + n <= stop:
             yield rows if order is None else _take(rows, order)
         else:
             positions = torch.arange(start, min(start + n, stop))
-            keep = ((positions // batch_size) % stride == offset).nonzero().squeeze(1)
+            batch = positions // batch_size
+            keep = ((batch % stride == offset % stride) & (batch >= offset)).nonzero().squeeze(1)
             if len(keep):
                 yield _take(rows, keep if order is None else order[keep])
         start += n
@@ -492,14 +493,14 @@ class FeatureStore:
 
         Raises:
             FeatureStoreError: a token kind the store lacks, ``flatten`` without patch tokens, a non-positive
-                ``batch_size`` / ``buffer_shards`` / ``stride``, ``offset`` outside ``[0, stride)``; with
+                ``batch_size`` / ``buffer_shards`` / ``stride``, ``offset < 0``; with
                 ``check_finite``, NaN / Inf features (when their shard is loaded; see :meth:`read`).
         """
         self._check_tokens(tokens)
         if batch_size < 1 or buffer_shards < 1:
             raise FeatureStoreError(f"batch_size and buffer_shards must be >= 1, got {batch_size}, {buffer_shards}.")
-        if not 0 <= offset < stride:
-            raise FeatureStoreError(f"Need 0 <= offset < stride, got offset {offset}, stride {stride}.")
+        if offset < 0 or stride < 1:
+            raise FeatureStoreError(f"Need offset >= 0 and stride >= 1, got offset {offset}, stride {stride}.")
         if flatten and tokens != "patch":
             raise FeatureStoreError(f"flatten=True is for patch tokens, not {tokens!r}. Fix: drop flatten.")
         pieces: Iterable[tuple[FeatureBatch, torch.Tensor | None]]

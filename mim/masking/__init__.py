@@ -4,9 +4,17 @@
 per sample unless its docstring says otherwise, so any mask works with any ViT method.
 """
 
-from mim.masking.base import MaskGenerator, num_masked, validate_mask_ratio
+from mim.masking.base import MaskGenerator, mask_config, num_masked, validate_mask_ratio
 from mim.masking.block import BlockMask
 from mim.masking.color_noise import ColorNoiseMask
 from mim.masking.random import RandomMask
 
-__all__ = ["BlockMask", "ColorNoiseMask", "MaskGenerator", "RandomMask", "num_masked", "validate_mask_ratio"]
+__all__ = [
+    "BlockMask",
+    "ColorNoiseMask",
+    "MaskGenerator",
+    "RandomMask",
+    "mask_config",
+    "num_masked",
+    "validate_mask_ratio",
+]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 import torch
 
 from mim.errors import ConfigError
@@ -53,3 +56,24 @@ class MaskGenerator:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(mask_ratio={self.mask_ratio})"
+
+
+def mask_config(generator: Any) -> dict[str, Any]:
+    """The config that re-creates ``generator`` as a method's ``mask`` argument (what a method stores
+    in ``hparams["mask"]``): ``{"class_path": "<module>.<class>", "init_args": {...}}`` with every
+    constructor argument but ``mask_ratio`` (the method passes that one), read from the attribute of
+    the same name (arguments without one are left out: their defaults apply).
+
+    The form is what a YAML config gives (``mask: {class_path: mim.masking.ColorNoiseMask, init_args:
+    {color: green}}``), so ``mim fit --ckpt_path`` (which feeds a checkpoint's hyper-parameters back
+    through the config parser) and ``load_from_checkpoint`` of a CLI run rebuild the same mask.
+    """
+    cls = type(generator)
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]  # without self
+    init_args = {
+        p.name: getattr(generator, p.name)
+        for p in params
+        if p.name != "mask_ratio" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and hasattr(generator, p.name)
+    }
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
+

@@ -6,19 +6,26 @@ Nothing else lives here: each method writes its own forward and loss in its own 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from timm.optim import param_groups_weight_decay
 
 from mim.backbones.vit import create_vit
-from mim.errors import ConfigError
+from mim.errors import ConfigError, UserError
 from mim.optim import scaled_lr, warmup_cosine_scheduler
 
 #: Parameters that never get weight decay, besides biases and 1-D (norm) parameters
 #: (MAE's ``optim_factory.param_groups_weight_decay`` with the model's ``no_weight_decay()``).
 NO_WEIGHT_DECAY = ("*pos_embed", "*cls_token", "*reg_token", "*dist_token", "*mask_token")
+
+
+class NonFiniteLossError(UserError, FloatingPointError):
+    """A training loss became NaN or inf (raised by :meth:`PretrainModule.check_finite`); the CLI prints
+    it as one ``mim: error:`` line."""
 
 
 class PretrainModule(L.LightningModule):
@@ -58,6 +65,13 @@ class PretrainModule(L.LightningModule):
             raise ConfigError(f"learning rate must be >= 0, got blr={blr}, lr={lr}.")
         if warmup_epochs < 0:
             raise ConfigError(f"warmup_epochs must be >= 0, got {warmup_epochs}.")
+        if weight_decay < 0 or min_lr < 0:
+            raise ConfigError(
+                f"weight_decay and min_lr must be >= 0, got {weight_decay}, {min_lr}. "
+                "Fix: set --model.init_args.weight_decay / min_lr to 0 or more."
+            )
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ConfigError(f"betas must be two values in [0, 1), got {betas}. Fix: e.g. --model.init_args.betas [0.9,0.95].")
         self.blr, self.lr, self.weight_decay = blr, lr, weight_decay
         self.betas, self.warmup_epochs, self.min_lr = tuple(betas), warmup_epochs, min_lr
 
@@ -74,9 +88,42 @@ class PretrainModule(L.LightningModule):
         }
         self.grid_hw = tuple(self.encoder.patch_embed.grid_size)
 
-    def sample_mask(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``(B, L)`` bool mask (``True`` = masked) from ``mask_generator``, on this module's device."""
-        return self.mask_generator(batch_size, self.grid_hw, generator).to(self.device, non_blocking=True)
+    def sample_mask(
+        self, batch_size: int, generator: torch.Generator | None = None, grid_hw: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """``(B, L)`` bool mask (``True`` = masked) from ``mask_generator``, on this module's device.
+
+        Without ``generator`` in a training step, the masks of the whole global batch (``B x world_size``)
+        are drawn from :attr:`step_generator` and this rank keeps its slice: the masks of a step depend only
+        on the seed, the epoch and the batch index, never on the number of ranks (or on a resumed run's
+        history). Elsewhere (and with a ``generator``) ``B`` masks are drawn from ``generator``.
+        """
+        grid_hw = grid_hw or self.grid_hw
+        return self.per_rank(lambda n, g: self.mask_generator(n, grid_hw, g), batch_size, generator)
+
+    def per_rank(self, draw: Any, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``draw(n, generator)[rank slice]``: this rank's ``count`` rows of a global draw (see :meth:`sample_mask`),
+        moved to this module's device; a plain ``draw(count, generator)`` outside training steps."""
+        if generator is None and self.training and self.step_generator is not None:
+            world, rank = self.trainer.world_size, self.trainer.global_rank
+            out = draw(count * world, self.step_generator)[rank * count : (rank + 1) * count]
+        else:
+            out = draw(count, generator)
+        return out.to(self.device, non_blocking=True)
+
+    #: RNG of the current training step, the same on every rank (set in :meth:`on_train_batch_start`).
+    step_generator: torch.Generator | None = None
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Seed the step: :attr:`step_generator` (masks, mixing; the same on every rank) from
+        ``(seed, epoch, batch_idx)`` and torch's global RNG (drop path, dropout) from that and the rank, where
+        ``seed`` is the run's ``seed_everything`` (0 when unset). Every random draw of a step is then a function
+        of where the step is, so a run resumed from a step checkpoint repeats the uninterrupted run exactly
+        (as fairseq reseeds per update)."""
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        words = [seed, self.current_epoch, batch_idx]
+        self.step_generator = torch.Generator().manual_seed(int(np.random.SeedSequence(words).generate_state(1)[0]))
+        torch.manual_seed(int(np.random.SeedSequence([*words, self.global_rank + 1]).generate_state(1)[0]))
 
     def setup(self, stage: str) -> None:
         """Refuse a datamodule whose ``img_size`` differs from the encoder's, before training starts."""
@@ -108,13 +155,67 @@ class PretrainModule(L.LightningModule):
         AdamW with ``betas`` here; methods whose paper uses another one override this."""
         return torch.optim.AdamW(groups, lr=lr, betas=self.betas)
 
-    def check_finite(self, loss: torch.Tensor, name: str = "loss") -> torch.Tensor:
-        """Return ``loss``, or raise ``FloatingPointError`` naming the step when it is NaN/inf."""
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"{type(self).__name__} {name} became {loss.item()} at global step {self.global_step}. "
-                "Fix: lower --model.blr, lengthen --model.warmup_epochs, use --trainer.precision 32 "
-                "(or bf16-mixed instead of 16-mixed), or add --trainer.gradient_clip_val 1.0; then "
-                "resume from the last checkpoint with --ckpt_path last."
+    def check_finite(
+        self, loss: torch.Tensor, name: str = "train/loss", terms: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Return ``loss``, or raise :class:`NonFiniteLossError` when it is NaN/inf, before the backward
+        pass: the weights of this step are not updated and no checkpoint of it is written.
+
+        Args:
+            loss: the scalar loss.
+            name: its name in the message (the logged metric).
+            terms: the scalar terms it sums (``{"train/loss_rec": ..., "train/loss_align": ...}``); the
+                non-finite ones are named. Read only when ``loss`` is not finite (one device sync per
+                call either way).
+
+        Raises:
+            NonFiniteLossError: names the global step, the term(s), the usual fixes and the newest
+                checkpoint to resume from, when its weights are finite (an update that overflowed before
+                this step may have written non-finite weights into it: then an earlier one is asked for).
+        """
+        finite = torch.isfinite(loss.detach())
+        if self._trainer is not None and self.trainer.world_size > 1:  # all ranks stop together, none waits
+            finite = self.trainer.strategy.reduce(finite.float(), reduce_op="min") > 0
+        if not finite:
+            bad = [f"{key} = {value.item()}" for key, value in (terms or {}).items() if not torch.isfinite(value)]
+            where = f" ({', '.join(bad)})" if bad else ""
+            callbacks = self.trainer.checkpoint_callbacks if self._trainer is not None else []
+            names = ("last_model_path", "best_model_path", "_last_checkpoint_saved")  # the newest file counts
+            saved = [p for c in callbacks for p in (getattr(c, n, "") for n in names) if p]
+            last = max(saved, key=lambda p: os.path.getmtime(p) if os.path.exists(p) else 0.0, default="")
+            resume = "--ckpt_path <a .ckpt of this run>"
+            try:  # an update of an earlier step may have overflowed: say whether the newest file is usable
+                ckpt = torch.load(last, map_location="cpu", weights_only=True, mmap=True) if last else {}
+                state = ckpt.get("state_dict", {})
+                bad_key = next((k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()), None)
+                if state and bad_key is None:
+                    resume = f"--ckpt_path {last} (global step {ckpt.get('global_step')}, finite weights)"
+                elif state:
+                    resume = (
+                        f"--ckpt_path <an earlier .ckpt in {os.path.dirname(last)}>: the newest, {last}, already "
+                        f"holds non-finite weights ({bad_key}) from an update that overflowed"
+                    )
+            except Exception:  # noqa: BLE001  (the hint is optional; the error below is not)
+                pass
+            raise NonFiniteLossError(
+                f"{type(self).__name__} {name} became {loss.item()}{where} at global step {self.global_step}. "
+                "Fix: lower --model.init_args.blr, lengthen --model.init_args.warmup_epochs, use "
+                "--trainer.precision 32 (or bf16-mixed instead of 16-mixed), or add "
+                f"--trainer.gradient_clip_val 1.0; then resume with {resume}."
             )
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Stop before an update with NaN / inf gradients (a finite loss can still overflow in backward), so
+        no checkpoint ever holds the weights it would make. Not under ``16-mixed``, whose loss scaler skips such
+        steps by design. Gradients are already all-reduced under DDP, so every rank stops at the same step."""
+        if str(self.trainer.precision) == "16-mixed":
+            return
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+            bad = next(n for n, p in self.named_parameters() if p.grad is not None and not p.grad.isfinite().all())
+            raise NonFiniteLossError(
+                f"{type(self).__name__}: the gradient of {bad} is NaN/inf at global step {self.global_step} "
+                "(the loss was finite); the step was not taken. Fix: lower --model.init_args.blr, add "
+                "--trainer.gradient_clip_val 1.0 or use --trainer.precision 32; then resume with --ckpt_path last."
+            )

@@ -30,9 +30,9 @@ from torch import nn
 from mim.backbones.vit import check_model_name, encode_visible, mae_init_
 from mim.decoders.cae import CAEDecoder, CAERegressor
 from mim.errors import ConfigError
-from mim.masking import BlockMask, MaskGenerator
+from mim.masking import BlockMask, MaskGenerator, mask_config
 from mim.methods.base import PretrainModule
-from mim.methods.mae import denormalize_patches, pixel_target
+from mim.methods.mae import denormalize_patches, init_vit, pixel_target
 from mim.patches import gather_tokens, mask_to_pixels, patchify, unpatchify, visible_ids
 
 
@@ -144,7 +144,8 @@ class CAE(PretrainModule):
 
     Raises:
         ConfigError: bad encoder / mask ratio (as MAE), ``align_weight < 0``, ``regressor_depth < 1``,
-            ``decoder_depth < 0``, unknown teacher, missing or incomplete ``teacher_weights``, or a
+            ``decoder_depth < 0``, ``num_heads`` not dividing the width, ``mlp_ratio <= 0``,
+            ``drop_path_rate`` outside [0, 1), unknown teacher, missing or incomplete ``teacher_weights``, or a
             teacher that fails on ``img_size``-px images.
 
     Batches are ``(imgs, labels)`` with ``imgs: (B, 3, H, W) float32`` normalised; labels unused.
@@ -180,18 +181,29 @@ class CAE(PretrainModule):
         if align_weight < 0:
             raise ConfigError(f"align_weight must be >= 0, got {align_weight}. Fix: e.g. 2 (the paper's).")
         if regressor_depth < 1 or decoder_depth < 0:
-            raise ConfigError(f"need regressor_depth >= 1, decoder_depth >= 0; got {regressor_depth}, {decoder_depth}.")
+            raise ConfigError(
+                f"need regressor_depth >= 1, decoder_depth >= 0; got {regressor_depth}, {decoder_depth}. "
+                "Fix: e.g. --model.init_args.regressor_depth 4 --model.init_args.decoder_depth 4 (the paper's)."
+            )
         if teacher is None and teacher_weights is not None:
             raise ConfigError("teacher_weights is set but teacher is not. Fix: name its timm model in teacher.")
+        if not mlp_ratio > 0 or not 0 <= drop_path_rate < 1:
+            raise ConfigError(
+                f"need mlp_ratio > 0 and drop_path_rate in [0, 1), got {mlp_ratio} and {drop_path_rate}. "
+                "Fix: e.g. --model.init_args.mlp_ratio 4.0 --model.init_args.drop_path_rate 0.1 (the paper's)."
+            )
         self.mask_generator = mask(mask_ratio)
         self.save_hyperparameters(ignore=["mask"])
-        self.hparams["mask"] = repr(self.mask_generator)
+        self.hparams["mask"] = mask_config(self.mask_generator)  # a config: --ckpt_path resumes
         self.patch_size, self.norm_pix_loss, self.align_weight = patch_size, norm_pix_loss, align_weight
-        self.init_vit_encoder(backbone, img_size, patch_size, backbone_kwargs)
+        init_vit(self, backbone, img_size, patch_size, backbone_kwargs)
         dim = self.encoder.embed_dim
         heads = num_heads or self.encoder.blocks[0].attn.num_heads
-        if dim % heads:
-            raise ConfigError(f"encoder width {dim} is not divisible by num_heads {heads}. Fix: use a divisor.")
+        if heads < 1 or dim % heads:
+            raise ConfigError(
+                f"encoder width {dim} is not divisible by num_heads {heads}. "
+                f"Fix: --model.init_args.num_heads one of {', '.join(str(d) for d in range(1, 65) if dim % d == 0)}."
+            )
         out_dim = patch_size * patch_size * self.encoder.patch_embed.proj.in_channels
         self.teacher = None
         if teacher is not None:
@@ -247,15 +259,16 @@ class CAE(PretrainModule):
 
     # -- Lightning ----------------------------------------------------------------------------
     def _log(self, stage: str, out: CAEOutput) -> None:
-        sync = stage == "val"
-        self.log(f"{stage}/loss", out.loss, prog_bar=True, sync_dist=sync)
-        self.log(f"{stage}/loss_rec", out.loss_rec, sync_dist=sync)
-        self.log(f"{stage}/loss_align", out.loss_align, sync_dist=sync)
+        self.log(f"{stage}/loss", out.loss, prog_bar=True, sync_dist=True)  # the mean over ranks
+        self.log(f"{stage}/loss_rec", out.loss_rec, sync_dist=stage == "val")
+        self.log(f"{stage}/loss_align", out.loss_align, sync_dist=stage == "val")
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         out = self(batch[0])
         self._log("train", out)
-        return self.check_finite(out.loss)
+        return self.check_finite(
+            out.loss, "train/loss", {"train/loss_rec": out.loss_rec, "train/loss_align": out.loss_align}
+        )
 
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         # A fixed mask per batch index keeps the validation loss comparable across epochs.

@@ -8,15 +8,92 @@ normalised pixels). ColorMAE is this module with a ``ColorNoiseMask``.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
 
 from mim.backbones.vit import encode_visible, mae_init_
 from mim.decoders.mae import MAEDecoder
-from mim.masking import MaskGenerator, RandomMask
+from mim.errors import ConfigError
+from mim.masking import MaskGenerator, RandomMask, mask_config
 from mim.methods.base import PretrainModule
 from mim.patches import mask_to_pixels, patchify, unpatchify, visible_ids
+
+
+#: What ``backbone_kwargs`` may set: the arguments of timm's ``VisionTransformer`` (the method sets the rest).
+VIT_KWARGS = frozenset(inspect.signature(VisionTransformer.__init__).parameters) - {
+    "self", "img_size", "patch_size", "num_classes", "device", "dtype"
+}
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0 and d <= 64)
+
+
+def init_vit(
+    module: PretrainModule, backbone: str, img_size: int, patch_size: int, backbone_kwargs: dict[str, Any] | None
+) -> None:
+    """``module.init_vit_encoder(...)`` with the mistakes timm reports only as a ``TypeError`` or an
+    ``assert`` turned into :class:`ConfigError`: ``backbone_kwargs`` keys that ``VisionTransformer``
+    does not take (:data:`VIT_KWARGS`), widths it cannot split into heads, ``depth < 1``, and a patch
+    grid of fewer than 2 patches (nothing left to mask).
+
+    Raises:
+        ConfigError: those, and what :func:`mim.backbones.vit.create_vit` raises (unknown name, a
+            ``patch_size`` that does not divide ``img_size``, a model that is not a ViT).
+    """
+    unknown = sorted(set(backbone_kwargs or {}) - VIT_KWARGS)
+    if unknown:
+        raise ConfigError(
+            f"backbone_kwargs {unknown} are not arguments of timm's VisionTransformer. Fix: remove them, or use "
+            "ones it takes (drop_path_rate, init_values, qkv_bias, qk_norm, reg_tokens, class_token, ...)."
+        )
+    try:
+        module.init_vit_encoder(backbone, img_size, patch_size, backbone_kwargs)
+    except (AssertionError, ZeroDivisionError) as err:
+        raise ConfigError(
+            f"timm cannot build '{backbone}' with backbone_kwargs {backbone_kwargs}: {err or type(err).__name__}. "
+            "Fix: a num_heads that divides embed_dim, and depth / embed_dim >= 1."
+        ) from err
+    if len(module.encoder.blocks) < 1:
+        raise ConfigError(
+            f"backbone_kwargs {backbone_kwargs} give '{backbone}' no Transformer block. Fix: depth >= 1 (or drop it)."
+        )
+    h, w = module.grid_hw
+    if h * w < 2:
+        raise ConfigError(
+            f"img_size {img_size} with patch_size {patch_size} gives a {h}x{w} patch grid: masking needs at least "
+            f"2 patches. Fix: a smaller --model.init_args.patch_size (e.g. 4 for 32 px, 16 for 224 px)."
+        )
+
+
+def check_decoder_args(decoder_embed_dim: int, decoder_depth: int, decoder_num_heads: int, mlp_ratio: float) -> None:
+    """Raise :class:`ConfigError` for an MAE decoder that cannot be built or cannot learn.
+
+    ``decoder_depth >= 1`` (with no block the mask tokens never see the visible patches, so the
+    masked-patch loss gives the encoder no gradient); ``decoder_num_heads >= 1`` dividing
+    ``decoder_embed_dim``; ``decoder_embed_dim`` a positive multiple of 4 (its 2-D sin-cos position
+    embedding splits the width in 4); ``mlp_ratio > 0``.
+    """
+    if decoder_depth < 1:
+        raise ConfigError(
+            f"decoder_depth must be >= 1, got {decoder_depth}: without a decoder block the mask tokens never see the "
+            "visible patches and the encoder learns nothing. Fix: --model.init_args.decoder_depth 1 or more (MAE: 8)."
+        )
+    if decoder_embed_dim < 4 or decoder_embed_dim % 4:
+        raise ConfigError(
+            f"decoder_embed_dim must be a positive multiple of 4 (its 2-D sin-cos position embedding splits it in 4), "
+            f"got {decoder_embed_dim}. Fix: e.g. --model.init_args.decoder_embed_dim 128 (MAE: 512)."
+        )
+    if decoder_num_heads < 1 or decoder_embed_dim % decoder_num_heads:
+        raise ConfigError(
+            f"decoder_embed_dim {decoder_embed_dim} is not divisible by decoder_num_heads {decoder_num_heads}. "
+            f"Fix: --model.init_args.decoder_num_heads one of {_divisors(decoder_embed_dim)} (MAE: 16 heads of 32)."
+        )
+    if not mlp_ratio > 0:
+        raise ConfigError(f"mlp_ratio must be > 0, got {mlp_ratio}. Fix: --model.init_args.mlp_ratio 4.0 (MAE's).")
 
 
 def pixel_target(imgs: torch.Tensor, patch_size: int, norm_pix_loss: bool) -> torch.Tensor:
@@ -69,8 +146,9 @@ class MAE(PretrainModule):
             (MAE Appendix A.1: blr 1.5e-4, wd 0.05, betas (0.9, 0.95), 40 warmup epochs).
 
     Raises:
-        ConfigError: unknown / non-ViT backbone, ``img_size % patch_size != 0``, ``mask_ratio``
-            outside (0, 1).
+        ConfigError: unknown / non-ViT backbone or bad ``backbone_kwargs`` (:func:`init_vit`),
+            ``img_size % patch_size != 0``, ``mask_ratio`` outside (0, 1), a decoder that cannot be
+            built or learn (:func:`check_decoder_args`).
 
     Batches are ``(imgs, labels)`` with ``imgs: (B, 3, H, W) float32`` normalised; labels unused.
     """
@@ -96,11 +174,12 @@ class MAE(PretrainModule):
         min_lr: float = 0.0,
     ) -> None:
         super().__init__(blr, lr, weight_decay, betas, warmup_epochs, min_lr)
+        check_decoder_args(decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio)
         self.mask_generator = mask(mask_ratio)
         self.save_hyperparameters(ignore=["mask"])
-        self.hparams["mask"] = repr(self.mask_generator)
+        self.hparams["mask"] = mask_config(self.mask_generator)  # a config: --ckpt_path resumes
         self.patch_size, self.norm_pix_loss = patch_size, norm_pix_loss
-        self.init_vit_encoder(backbone, img_size, patch_size, backbone_kwargs)
+        init_vit(self, backbone, img_size, patch_size, backbone_kwargs)
         self.decoder = MAEDecoder(
             self.grid_hw,
             embed_dim=self.encoder.embed_dim,
@@ -138,8 +217,8 @@ class MAE(PretrainModule):
 
     # -- Lightning ----------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        loss = self.check_finite(self(batch[0])[0])
-        self.log("train/loss", loss, prog_bar=True)
+        loss = self.check_finite(self(batch[0])[0], "train/loss (MSE on the masked patches)")
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the mean over ranks
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:

@@ -39,9 +39,9 @@ from mim.backbones.homologous import check_homologous_block, homologous_block_fo
 from mim.backbones.vit import mae_init_
 from mim.decoders.mae import MAEDecoder
 from mim.errors import ConfigError
-from mim.masking import MaskGenerator, RandomMask
+from mim.masking import MaskGenerator, RandomMask, mask_config
 from mim.methods.base import PretrainModule
-from mim.methods.mae import denormalize_patches, masked_mse, pixel_target
+from mim.methods.mae import check_decoder_args, denormalize_patches, init_vit, masked_mse, pixel_target
 from mim.patches import mask_to_pixels, patchify, unpatchify
 
 
@@ -231,7 +231,8 @@ class MixedAE(PretrainModule):
     Raises:
         ConfigError: ``1/mixing_ratio`` not a whole number >= 2; ``N`` not divisible by ``1/r`` or
             fewer than 2 patches per source; a homologous layer index out of range; a non-ViT or
-            unknown backbone; ``temperature <= 0``; ``contrastive_weight < 0``. At ``setup`` /
+            unknown backbone or bad ``backbone_kwargs``; ``temperature <= 0``; ``contrastive_weight < 0``;
+            a decoder that cannot be built or learn (:func:`~mim.methods.mae.check_decoder_args`). At ``setup`` /
             ``forward``: a batch size that is not a positive multiple of ``1/r``.
 
     Batches are ``(imgs, labels)`` with ``imgs: (B, 3, H, W) float32`` normalised, ``B`` a multiple
@@ -291,16 +292,17 @@ class MixedAE(PretrainModule):
     ) -> None:
         super().__init__(blr, lr, weight_decay, betas, warmup_epochs, min_lr)
         self.group_size = group_size(mixing_ratio)
+        check_decoder_args(decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio)
         if temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {temperature}. Fix: e.g. --model.temperature 0.1.")
         if contrastive_weight < 0:
             raise ConfigError(f"contrastive_weight must be >= 0, got {contrastive_weight}.")
         self.mask_generator = mask(1.0 - mixing_ratio)
         self.save_hyperparameters(ignore=["mask"])
-        self.hparams["mask"] = repr(self.mask_generator)
+        self.hparams["mask"] = mask_config(self.mask_generator)  # a config: --ckpt_path resumes
         self.patch_size, self.norm_pix_loss = patch_size, norm_pix_loss
         self.contrastive_weight, self.temperature = contrastive_weight, temperature
-        self.init_vit_encoder(backbone, img_size, patch_size, backbone_kwargs)
+        init_vit(self, backbone, img_size, patch_size, backbone_kwargs)
         num_patches = self.grid_hw[0] * self.grid_hw[1]
         if num_patches % self.group_size or num_patches // self.group_size < 2:
             raise ConfigError(
@@ -356,8 +358,10 @@ class MixedAE(PretrainModule):
     # -- the method ---------------------------------------------------------------------------
     def sample_sources(self, num_mixes: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``(M, N)`` int64 source slot per position, on this module's device (:func:`sample_sources`)."""
-        sources = sample_sources(num_mixes, self.grid_hw, self.group_size, self.mask_generator, generator)
-        return sources.to(self.device, non_blocking=True)
+        def draw(n: int, g: torch.Generator | None) -> torch.Tensor:
+            return sample_sources(n, self.grid_hw, self.group_size, self.mask_generator, g)
+
+        return self.per_rank(draw, num_mixes, generator)  # groups never straddle ranks
 
     def mix(self, imgs: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)``, ``(B/g, N)`` -> ``(B/g, 3, H, W)`` mixed images."""
@@ -447,8 +451,9 @@ class MixedAE(PretrainModule):
     # -- Lightning ----------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         out = self(batch[0])
-        loss = self.check_finite(out.loss)
-        self.log("train/loss", loss, prog_bar=True)
+        terms = {"train/recon_loss": out.recon_loss, "train/contrastive_loss": out.contrastive_loss}
+        loss = self.check_finite(out.loss, "train/loss", terms)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the mean over ranks
         self.log_dict({"train/recon_loss": out.recon_loss, "train/contrastive_loss": out.contrastive_loss})
         return loss
 

@@ -21,10 +21,11 @@ from torch import nn
 from mim.backbones.sparse import MASK_STRIDE, Backend, SparseEncoder, check_input, create_convnet
 from mim.decoders.spark import DensifyNorm, SparKDecoder
 from mim.errors import ConfigError
-from mim.masking import MaskGenerator, RandomMask
+from mim.masking import MaskGenerator, RandomMask, mask_config
 from mim.methods.base import PretrainModule
 from mim.methods.mae import denormalize_patches, masked_mse, pixel_target
 from mim.patches import mask_to_pixels, patchify, unpatchify
+from mim.sync_batchnorm import SyncedBatchNorm
 
 
 def cosine_weight_decay(step: int, total_steps: int, start: float, end: float) -> float:
@@ -66,7 +67,8 @@ class SparK(PretrainModule):
     Raises:
         ConfigError: unknown backbone or one without 4 feature scales, ``img_size`` not a multiple
             of 32 or below 64, ``mask_ratio`` outside (0, 1), spconv asked for but not installed or
-            with a ConvNeXt, unknown ``optimizer`` / ``densify_norm``.
+            with a ConvNeXt, unknown ``optimizer`` / ``densify_norm``, ``decoder_width < 32``, negative
+            ``clip_grad`` / ``weight_decay_end``, ``backbone_kwargs`` the timm model does not take.
 
     Batches are ``(imgs, labels)`` with ``imgs: (B, 3, img_size, img_size) float32`` normalised.
     """
@@ -104,19 +106,51 @@ class SparK(PretrainModule):
             raise ConfigError(f"optimizer must be 'lamb' or 'adamw', got {optimizer!r}.")
         if densify_norm not in ("auto", "bn", "ln", "none"):
             raise ConfigError(f"densify_norm must be 'auto', 'bn', 'ln' or 'none', got {densify_norm!r}.")
+        if decoder_width < 2**5:
+            raise ConfigError(
+                f"decoder_width must be >= 32 (the UNet halves it 5 times, down to stride 1), got {decoder_width}. "
+                "Fix: e.g. --model.init_args.decoder_width 256 (official: 768)."
+            )
+        if (clip_grad is not None and clip_grad < 0) or (weight_decay_end is not None and weight_decay_end < 0):
+            raise ConfigError(
+                f"clip_grad and weight_decay_end must be >= 0 or null, got {clip_grad} and {weight_decay_end}. "
+                "Fix: e.g. --model.init_args.clip_grad 5.0 --model.init_args.weight_decay_end 0.2 (official)."
+            )
         self.mask_generator = mask(mask_ratio)
         self.save_hyperparameters(ignore=["mask"])
-        self.hparams["mask"] = repr(self.mask_generator)
+        self.hparams["mask"] = mask_config(self.mask_generator)  # a config: --ckpt_path resumes
         self.img_size, self.norm_pix_loss = img_size, norm_pix_loss
         self.optimizer_name, self.weight_decay_end, self.clip_grad = optimizer, weight_decay_end, clip_grad
         self.grid_hw = (img_size // MASK_STRIDE, img_size // MASK_STRIDE)
         backbone_kwargs = dict(backbone_kwargs or {})
-        self.sparse_encoder = SparseEncoder(create_convnet(backbone, **backbone_kwargs), backend)
+        try:
+            convnet = create_convnet(backbone, **backbone_kwargs)
+        except TypeError as err:  # a kwarg the timm model does not take
+            raise ConfigError(
+                f"timm's '{backbone}' does not take backbone_kwargs {backbone_kwargs}: {err}. "
+                "Fix: remove them, or use ones its class takes (e.g. drop_path_rate)."
+            ) from err
+        self.sparse_encoder = SparseEncoder(convnet, backend)
         self.encoder_config = {"model_name": backbone, "model_kwargs": {"num_classes": 0, **backbone_kwargs}}
         if densify_norm == "auto":
             uses_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.encoder.modules())
             densify_norm = "bn" if uses_bn else "ln"
         self.decoder = SparKDecoder(self.sparse_encoder.channels, width=decoder_width, densify_norm=densify_norm)
+        # The UNet's BN statistics span all ranks under DDP (official: SyncBatchNorm), on CPU too; the encoder's
+        # and the densify norms' sparse BN reduce theirs across ranks themselves.
+        SyncedBatchNorm.convert(self.decoder.blocks)
+
+    def setup(self, stage: str) -> None:
+        """Refuse ``--trainer.sync_batchnorm true``: Lightning would turn the encoder's BN layers into
+        ``SyncBatchNorm``, which never calls ``F.batch_norm``, so the sparse statistics (visible sites only)
+        would silently become dense ones."""
+        super().setup(stage)
+        if getattr(self.trainer.strategy, "_layer_sync", None) is not None:
+            raise ConfigError(
+                "SparK does not take --trainer.sync_batchnorm true: it would make the encoder's sparse batch norm "
+                "dense. SparK already reduces its BN statistics across ranks under DDP (the encoder's and densify "
+                "norms' over the visible sites, the decoder's over all pixels). Fix: remove --trainer.sync_batchnorm."
+            )
 
     @property
     def encoder(self) -> nn.Module:
@@ -144,7 +178,7 @@ class SparK(PretrainModule):
         check_input(imgs)
         grid_hw = (imgs.shape[-2] // MASK_STRIDE, imgs.shape[-1] // MASK_STRIDE)
         if mask is None:
-            mask = self.mask_generator(imgs.shape[0], grid_hw).to(imgs.device, non_blocking=True)
+            mask = self.sample_mask(imgs.shape[0], grid_hw=grid_hw)
         active = ~mask.view(imgs.shape[0], 1, *grid_hw)
         features = self.sparse_encoder(imgs, active)
         pred = patchify(self.decoder(features, active), MASK_STRIDE)
@@ -153,8 +187,8 @@ class SparK(PretrainModule):
 
     # -- Lightning ----------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        loss = self.check_finite(self(batch[0])[0])
-        self.log("train/loss", loss, prog_bar=True)
+        loss = self.check_finite(self(batch[0])[0], "train/loss (MSE on the masked patches)")
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the mean over ranks
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -174,6 +208,7 @@ class SparK(PretrainModule):
         return torch.optim.AdamW(groups, lr=lr, betas=self.betas)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)  # the step's seeds
         if self.weight_decay_end is None:
             return
         total = max(1, int(self.trainer.estimated_stepping_batches))

@@ -1,4 +1,4 @@
-"""Sparse autoencoders on frozen features (issue 6): variants (:mod:`mim.sae.models`), their sparse kernels
+"""Sparse autoencoders on frozen features: variants (:mod:`mim.sae.models`), their sparse kernels
 (:mod:`mim.sae.kernels`), the training loop (:mod:`mim.sae.module`), feature-store streaming
 (:mod:`mim.sae.data`), metrics (:mod:`mim.sae.metrics`), downstream probes (:mod:`mim.sae.downstream`) and
 pictures of what latents respond to (:mod:`mim.sae.viz`)."""

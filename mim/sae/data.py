@@ -1,4 +1,4 @@
-"""Token rows of a feature store as training data for sparse autoencoders (issue 6).
+"""Token rows of a feature store as training data for sparse autoencoders.
 
 :class:`FeatureStoreDataModule` streams the rows of a feature store (``mim/features/store.py``): with
 ``tokens="patch"`` every patch token of every image is one row (``count x L`` rows, ``L = h x w`` of the store's
@@ -8,8 +8,9 @@ once per token.
 
 Order. Training batches come from :meth:`FeatureStore.batches` (shard order permuted, then ``buffer_shards``
 shards at a time loaded and their rows permuted), seeded with ``seed + epoch``: every epoch has a new order,
-and the same ``(seed, epoch)`` gives the same order, so a run resumed from an end-of-epoch checkpoint goes on
-exactly as an uninterrupted one. The epoch is the trainer's ``current_epoch``, handed to the dataset when a pass
+and the same ``(seed, epoch)`` gives the same order. The data module saves how many batches of the epoch were
+trained on (its ``state_dict``), so a run resumed from any checkpoint, mid-epoch too, goes on exactly as an
+uninterrupted one. The epoch is the trainer's ``current_epoch``, handed to the dataset when a pass
 yields its first batch (Lightning's ``set_epoch`` reaches samplers only; an ``IterableDataset`` has none).
 Validation is in store order.
 
@@ -138,10 +139,12 @@ class FeatureStoreDataset(IterableDataset):
         self.rows = token_rows(store, tokens)
         self.used_batches, _ = batches_per_rank(self.rows, batch_size, drop_last, world_size, even)
         self.epoch = 0
+        self.skip = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Order the next passes as epoch ``epoch`` (seed ``seed + epoch``)."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Order the next passes as epoch ``epoch`` (seed ``seed + epoch``), leaving out this rank's first
+        ``skip`` batches (a run resumed mid-epoch; their rows are never read)."""
+        self.epoch, self.skip = epoch, skip
 
     def __len__(self) -> int:
         return len(range(self.rank, self.used_batches, self.world_size))
@@ -158,7 +161,7 @@ class FeatureStoreDataset(IterableDataset):
             flatten=self.tokens == "patch",
             drop_last=self.drop_last,
             check_finite=self.check_finite,
-            offset=self.rank + self.world_size * worker,
+            offset=self.rank + self.world_size * (self.skip + worker),
             stride=self.world_size * workers,
             max_batches=self.used_batches,
         )
@@ -167,19 +170,20 @@ class FeatureStoreDataset(IterableDataset):
 
 
 class _EpochDataLoader(DataLoader):
-    """A DataLoader that hands ``epoch()`` to its dataset's ``set_epoch`` when a pass yields its first batch
-    (before workers get their copy of the dataset).
+    """A DataLoader that hands ``epoch()`` (an epoch, or ``(epoch, batches to skip)``) to its dataset's
+    ``set_epoch`` when a pass yields its first batch (before workers get their copy of the dataset).
 
     Lazily, because Lightning may create the epoch's iterator before it knows the epoch: with
     ``estimated_stepping_batches`` in ``configure_optimizers`` it does so before restoring a resumed run's loop
     state (``Trainer._run``), and then keeps that iterator for the first resumed epoch."""
 
-    def __init__(self, dataset: FeatureStoreDataset, epoch: Callable[[], int], **kwargs: Any) -> None:
+    def __init__(self, dataset: FeatureStoreDataset, epoch: Callable[[], int | tuple[int, int]], **kwargs: Any) -> None:
         super().__init__(dataset, **kwargs)
         self._epoch = epoch
 
     def __iter__(self) -> Iterator[Any]:
-        self.dataset.set_epoch(self._epoch())
+        position = self._epoch()
+        self.dataset.set_epoch(*(position if isinstance(position, tuple) else (position,)))
         yield from super().__iter__()
 
 
@@ -243,6 +247,7 @@ class FeatureStoreDataModule(L.LightningDataModule):
         self.check_finite, self.num_workers = check_finite, num_workers
         self.train: FeatureStore | None = None
         self.val: FeatureStore | None = None
+        self._resume: dict[str, int] | None = None  # training position from a checkpoint (load_state_dict)
 
     # -- stores -----------------------------------------------------------------------------------------------
 
@@ -269,6 +274,26 @@ class FeatureStoreDataModule(L.LightningDataModule):
 
     def _epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else 0
+
+    def _train_position(self) -> int | tuple[int, int]:
+        """The epoch of the next training pass, or ``(epoch, batches to skip)`` once after a resume."""
+        if self._resume is not None:
+            resume, self._resume = self._resume, None
+            return resume["epoch"], resume["batches"]
+        return self._epoch()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training position ``{"train_position": {"epoch", "batches"}}`` for the checkpoint (batches this
+        rank has trained on in the epoch, from the trainer's loop progress), so a resumed run goes on with the
+        very next batch."""
+        from mim.data.resumable import batches_done
+
+        if self.trainer is None or self.trainer.state.fn != "fit" or self.train is None:
+            return {}
+        return {"train_position": batches_done(self.trainer, self.steps_per_epoch)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume = state_dict.get("train_position")
 
     def setup(self, stage: str | None = None) -> None:
         """Open the stores and check them (see the class docstring for the errors). Idempotent."""
@@ -348,12 +373,13 @@ class FeatureStoreDataModule(L.LightningDataModule):
             check_finite=self.check_finite, rank=rank, world_size=world,
         )
 
-    def _loader(self, dataset: FeatureStoreDataset) -> DataLoader:
-        return _EpochDataLoader(dataset, self._epoch, batch_size=None, num_workers=self.num_workers)
+    def _loader(self, dataset: FeatureStoreDataset, train: bool = False) -> DataLoader:
+        position = self._train_position if train else self._epoch
+        return _EpochDataLoader(dataset, position, batch_size=None, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches of this rank (a new order each epoch)."""
-        return self._loader(self._dataset(self._require_train(), train=True))
+        """Shuffled training batches of this rank (a new order each epoch; resumes mid-epoch exactly)."""
+        return self._loader(self._dataset(self._require_train(), train=True), train=True)
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches of this rank in store order; ``[]`` (no validation) without ``val_store``."""

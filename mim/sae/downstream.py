@@ -144,7 +144,8 @@ def linear_probe_top1(
         loss.backward()
         return loss
 
-    with torch.inference_mode(False), torch.enable_grad():  # also when called from a Lightning validation hook
+    # also when called from a Lightning validation hook (inference mode) or inside autocast (L-BFGS wants float32)
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(train_x.device.type, enabled=False):
         train_x, train_y = train_x.clone(), train_y.clone()  # normal tensors (inputs may be inference tensors)
         head = nn.Linear(train_x.shape[1], num_classes, device=train_x.device)
         nn.init.zeros_(head.weight)
@@ -152,7 +153,7 @@ def linear_probe_top1(
         optimizer = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
         optimizer.step(closure)
     accuracy = MulticlassAccuracy(num_classes, average="micro").to(val_x.device)
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(val_x.device.type, enabled=False):
         return float(accuracy(head(val_x), val_y))
 
 

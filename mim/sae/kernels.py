@@ -14,6 +14,12 @@ matmul, and the encoder's backward is sparse too:
   The dense ``(N, d_sae)`` gradient and its dense ``(d_sae, N) x (N, d)`` matmul of plain autograd never
   exist. Gao et al. 2024 (arXiv 2406.04093, Sec. 5 / App. D) describe the same sparsity of both
   directions for their GPU kernels.
+
+Mixed precision: under autocast (bf16 / fp16) the forward matmul of :func:`select_linear` runs in the autocast
+dtype, so its ``values`` are bf16 / fp16; its backward always computes in the weight's dtype (float32) with
+autocast off (``torch.sparse.mm`` would otherwise run in bf16). :func:`sparse_decode` casts ``values`` to the
+decoder's dtype (``embedding_bag`` needs ``per_sample_weights`` of the weight's dtype, and autocast does not
+cast it), so reconstructions are float32.
 """
 
 from __future__ import annotations
@@ -36,10 +42,11 @@ def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tens
         W_dec: (d_sae, d) decoder, row ``j`` = atom ``j``.
 
     Returns:
-        (N, d) ``sum_j values[n, j] * W_dec[indices[n, j]]`` (no bias), differentiable in ``values`` and ``W_dec``.
+        (N, d) ``sum_j values[n, j] * W_dec[indices[n, j]]`` (no bias) in ``W_dec``'s dtype (``values`` of
+        another dtype, e.g. bf16 under autocast, are cast to it), differentiable in ``values`` and ``W_dec``.
     """
     if values.shape[1] == 0:
-        return values.new_zeros(values.shape[0], W_dec.shape[1])
+        return values.new_zeros(values.shape[0], W_dec.shape[1], dtype=W_dec.dtype)
     return F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
 
 
@@ -71,12 +78,13 @@ class _SelectLinear(torch.autograd.Function):
         grad = grad_values.contiguous().to(weight.dtype)  # under autocast the values may be bf16
         x = x.to(weight.dtype)
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(indices, weight, per_sample_weights=grad, mode="sum")
-        if ctx.needs_input_grad[1]:
-            grad_w = _rows_scatter(grad, indices, x, weight.shape[0])
-        if ctx.needs_input_grad[2]:
-            grad_b = grad.new_zeros(weight.shape[0]).index_add_(0, indices.reshape(-1), grad.reshape(-1))
+        with torch.autocast(weight.device.type, enabled=False):  # in the weight's dtype, also inside autocast
+            if ctx.needs_input_grad[0]:
+                grad_x = F.embedding_bag(indices, weight, per_sample_weights=grad, mode="sum")
+            if ctx.needs_input_grad[1]:
+                grad_w = _rows_scatter(grad, indices, x, weight.shape[0])
+            if ctx.needs_input_grad[2]:
+                grad_b = grad.new_zeros(weight.shape[0]).index_add_(0, indices.reshape(-1), grad.reshape(-1))
         return grad_x, grad_w, grad_b, None, None
 
 
@@ -98,7 +106,8 @@ def select_linear(
 
     Returns:
         ``values`` (N, s) = ``z.gather(1, indices)`` (differentiable in ``x``, ``weight``, ``bias``, equal to
-        dense autograd through ``gather``) and ``indices`` (N, s) int64 (no gradient).
+        dense autograd through ``gather``; in the autocast dtype under autocast, else ``x``'s) and ``indices``
+        (N, s) int64 (no gradient).
     """
     return _SelectLinear.apply(x, weight, bias, select, chunk_rows)
 

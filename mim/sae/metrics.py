@@ -316,11 +316,12 @@ def decoder_coherence(W_dec: Tensor, chunk_size: int = 1024) -> float:
         raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}. Fix: pass a positive chunk_size.")
     atoms = F.normalize(W_dec.detach().to(torch.promote_types(W_dec.dtype, torch.float32)), dim=1)
     best = atoms.new_zeros(())
-    for start in range(0, atoms.shape[0], chunk_size):
-        block = atoms[start : start + chunk_size]
-        cos = (block @ atoms.T).abs_()
-        cos.diagonal(offset=start).zero_()  # an atom with itself
-        best = torch.maximum(best, cos.max())
+    with torch.autocast(atoms.device.type, enabled=False):  # float32 also when called inside autocast
+        for start in range(0, atoms.shape[0], chunk_size):
+            block = atoms[start : start + chunk_size]
+            cos = (block @ atoms.T).abs_()
+            cos.diagonal(offset=start).zero_()  # an atom with itself
+            best = torch.maximum(best, cos.max())
     return float(best)
 
 

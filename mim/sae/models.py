@@ -124,8 +124,23 @@ def squared_error(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
 
 
 def batch_variance(x: torch.Tensor) -> torch.Tensor:
-    """``sum ||x - mean(x)||^2 / N`` over a batch (N, d): the total variance around the per-dimension mean."""
-    return (x - x.mean(0)).pow(2).sum(-1).mean()
+    """``sum ||x - mean(x)||^2 / N`` over a batch (N, d): the total variance around the per-dimension mean.
+
+    Under DDP (an initialised process group of more than one rank) the batch is that of all ranks together
+    (counts, sums and sums of squares all-reduced in float64, no gradient: ``x`` is data or a detached
+    residual), so every rank normalises its loss alike and 2 ranks of ``B`` rows take the step of one process
+    of ``2B``. Every rank must then call it equally often (a collective).
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return (x - x.mean(0)).pow(2).sum(-1).mean()
+    with torch.no_grad():
+        x64 = x.detach().double()
+        stats = torch.cat([x64.sum(0), x64.pow(2).sum().view(1), x64.new_tensor([x.shape[0]])])
+        dist.all_reduce(stats)
+        count = stats[-1].clamp_min(1)
+        mean = stats[:-2] / count
+        return (stats[-2] / count - mean.pow(2).sum()).clamp_min(0).to(x.dtype)
 
 
 def support_code(f: torch.Tensor, support: torch.Tensor) -> SparseCode:
@@ -141,9 +156,31 @@ def threshold_code(z: torch.Tensor, threshold: torch.Tensor | float) -> SparseCo
     return support_code(z, z.detach() > threshold)
 
 
-def _check_positive(name: str, value: float, fix: str) -> None:
-    if not value > 0:
-        raise ConfigError(f"{name} must be positive, got {value}. Fix: {fix}.")
+def _check(ok: bool, name: str, value: Any, rule: str, fix: str) -> None:
+    """Raise :class:`ConfigError` "``name`` must ``rule``, got ``value``. Fix: ``fix``", naming the SAE config key
+    (``--model.init_args.sae.init_args.<name>``) unless ``ok``. Comparisons with NaN are false, so NaN fails."""
+    if not ok:
+        raise ConfigError(
+            f"SAE {name} must {rule}, got {value!r}. Fix: {fix} (--model.init_args.sae.init_args.{name})."
+        )
+
+
+def _check_positive(name: str, value: float, integer: bool = False) -> None:
+    """``value > 0`` (``>= 1`` for counts) or :class:`ConfigError`."""
+    if integer:
+        _check(value >= 1, name, value, "be positive (an integer >= 1)", f"set {name} to a positive integer")
+    else:
+        _check(value > 0, name, value, "be positive (> 0)", f"set {name} to a positive number")
+
+
+def _check_non_negative(name: str, value: float) -> None:
+    """``value >= 0`` or :class:`ConfigError`."""
+    _check(value >= 0, name, value, "be >= 0", f"set {name} >= 0 (0 turns the term off)")
+
+
+def _without_autocast(device: torch.device) -> Any:
+    """A context in which autocast is off on ``device`` (ops run in their inputs' dtype)."""
+    return torch.autocast(device.type, enabled=False)
 
 
 class SparseAutoencoder(nn.Module):
@@ -158,8 +195,14 @@ class SparseAutoencoder(nn.Module):
         dead_tokens: a latent is dead after this many training tokens without firing (Gao et al. 2024,
             Sec. 2.4: 10M tokens).
 
+    Mixed precision (``--trainer.precision bf16-mixed`` / ``16-mixed``): parameters and buffers stay float32;
+    under autocast the encoder matmul runs in the autocast dtype for the ranking variants (TopK, AbsTopK,
+    TopAFA, MP, ReLU: a rounded ``z`` changes which latents win only at near-ties), but in float32 wherever ``z``
+    is compared with a learned or estimated threshold (BatchTopK / Matryoshka, JumpReLU: see
+    :meth:`pre_acts`). Decoding (:func:`~mim.sae.kernels.sparse_decode`) and the losses run in float32.
+
     Raises:
-        ConfigError: a non-positive ``d_model``, ``d_sae`` or ``dead_tokens``.
+        ConfigError: a ``d_model``, ``d_sae`` or ``dead_tokens`` below 1.
     """
 
     #: decoder rows kept at unit norm, the gradient's parallel component removed (Gao et al. App. A.1)
@@ -172,7 +215,7 @@ class SparseAutoencoder(nn.Module):
     def __init__(self, d_model: int, d_sae: int, dead_tokens: int = 10_000_000) -> None:
         super().__init__()
         for name, value in (("d_model", d_model), ("d_sae", d_sae), ("dead_tokens", dead_tokens)):
-            _check_positive(name, value, f"set {name} >= 1")
+            _check_positive(name, value, integer=True)
         self.d_model, self.d_sae, self.dead_tokens = d_model, d_sae, dead_tokens
         self.W_dec = nn.Parameter(torch.empty(d_sae, d_model))
         self.b_dec = nn.Parameter(torch.zeros(d_model))
@@ -230,9 +273,19 @@ class SparseAutoencoder(nn.Module):
         """Raw features (N, d_model) -> the normalised ``x_n`` the SAE works on."""
         return x.to(self.W_dec.dtype) * self.input_scale
 
-    def pre_acts(self, x_n: torch.Tensor) -> torch.Tensor:
-        """Dense pre-activations ``z = W_enc (x_n - b_dec) + b_enc``: (N, d_sae)."""
-        return F.linear(x_n - self.b_dec, self.W_enc, self.b_enc)
+    def pre_acts(self, x_n: torch.Tensor, fp32: bool = False) -> torch.Tensor:
+        """Dense pre-activations ``z = W_enc (x_n - b_dec) + b_enc``: (N, d_sae).
+
+        Under autocast the matmul runs in the autocast dtype (bf16 / fp16), unless ``fp32``: then autocast is
+        off and ``z`` is float32. The threshold variants need that: bf16 keeps 8 significant bits, so near
+        ``z = 0.7`` its values are 0.0039 apart, wider than JumpReLU's whole pseudo-derivative window
+        (bandwidth 0.001), which then holds no ``z`` and gives the threshold no gradient; and a threshold
+        estimated from, or compared with, rounded ``z`` is off by up to 0.4 %.
+        """
+        if not fp32:
+            return F.linear(x_n - self.b_dec, self.W_enc, self.b_enc)
+        with _without_autocast(x_n.device):
+            return F.linear(x_n.float() - self.b_dec.float(), self.W_enc.float(), self.b_enc.float())
 
     def code(self, x_n: torch.Tensor) -> SparseCode:
         """The inference code of normalised inputs ``x_n`` (N, d_model)."""
@@ -310,17 +363,17 @@ class TopKSAE(SparseAutoencoder):
         aux_coeff: AuxK coefficient (Gao et al.: 1/32).
 
     Raises:
-        ConfigError: ``k`` outside ``[1, d_sae]``, or a non-positive ``k_aux``.
+        ConfigError: ``k`` outside ``[1, d_sae]``, ``k_aux < 1`` or ``aux_coeff < 0`` (and the base class's).
     """
 
     def __init__(self, d_model: int, d_sae: int, k: int = 32, k_aux: int | None = None,
                  aux_coeff: float = 1 / 32, dead_tokens: int = 10_000_000) -> None:
         super().__init__(d_model, d_sae, dead_tokens)
-        if not 1 <= k <= d_sae:
-            raise ConfigError(f"k must be in [1, d_sae={d_sae}], got {k}. Fix: choose 1 <= k <= d_sae.")
-        self.k, self.aux_coeff = k, aux_coeff
+        _check(1 <= k <= d_sae, "k", k, f"be in [1, d_sae={d_sae}]", f"choose 1 <= k <= {d_sae} (or raise d_sae)")
         self.k_aux = k_aux if k_aux is not None else max(d_model // 2, 1)
-        _check_positive("k_aux", self.k_aux, "set k_aux >= 1")
+        _check_positive("k_aux", self.k_aux, integer=True)
+        _check_non_negative("aux_coeff", aux_coeff)
+        self.k, self.aux_coeff = k, aux_coeff
 
     def rank(self, z: torch.Tensor) -> torch.Tensor:
         """The score the top ``k`` is taken of (``z``; AbsTopK overrides it with ``|z|``)."""
@@ -397,14 +450,23 @@ class BatchTopKSAE(TopKSAE):
     costs no precision. Until a training step has set it, inference uses per-token TopK. AuxK and the
     loss are :class:`TopKSAE`'s.
 
+    Precision: the pre-activations of the training code and of the inference threshold comparison are computed
+    in float32 also under autocast (:meth:`SparseAutoencoder.pre_acts` with ``fp32``), and the ``threshold``
+    buffer is float32, so the estimate and its use do not depend on ``--trainer.precision``.
+
     Args:
-        threshold_beta: EMA decay of the threshold estimate.
+        threshold_beta: EMA decay of the threshold estimate, in ``[0, 1)``.
         (others as :class:`TopKSAE`)
+
+    Raises:
+        ConfigError: ``threshold_beta`` outside ``[0, 1)`` (and :class:`TopKSAE`'s).
     """
 
     def __init__(self, d_model: int, d_sae: int, k: int = 32, k_aux: int | None = None, aux_coeff: float = 1 / 32,
                  threshold_beta: float = 0.9, dead_tokens: int = 10_000_000) -> None:
         super().__init__(d_model, d_sae, k, k_aux, aux_coeff, dead_tokens)
+        _check(0 <= threshold_beta < 1, "threshold_beta", threshold_beta, "lie in [0, 1)",
+               "set threshold_beta to e.g. 0.9 (0: the last batch's minimum only)")
         self.threshold_beta = threshold_beta
         self.register_buffer("threshold", torch.tensor(-1.0))
         self.register_buffer("threshold_updates", torch.tensor(0, dtype=torch.long))
@@ -412,11 +474,12 @@ class BatchTopKSAE(TopKSAE):
     def code(self, x_n: torch.Tensor) -> SparseCode:
         if float(self.threshold) < 0:
             return super().code(x_n)
-        return threshold_code(self.pre_acts(x_n), self.threshold)
+        return threshold_code(self.pre_acts(x_n, fp32=True), self.threshold)
 
     def batch_code(self, x_n: torch.Tensor) -> SparseCode:
-        """The training code: top ``k * N`` of ``ReLU(z)`` over the batch (rows padded to the largest count)."""
-        f = F.relu(self.pre_acts(x_n))
+        """The training code: top ``k * N`` of ``ReLU(z)`` over the batch (rows padded to the largest count);
+        ``z`` in float32 (class docstring)."""
+        f = F.relu(self.pre_acts(x_n, fp32=True))
         flat = f.detach().flatten().topk(min(self.k * len(f), f.numel()), sorted=False).indices
         keep = torch.zeros_like(f, dtype=torch.bool).flatten().index_fill_(0, flat, True).view_as(f) & (f > 0)
         code = threshold_code(f.masked_fill(~keep, 0), 0.0)
@@ -431,7 +494,8 @@ class BatchTopKSAE(TopKSAE):
             return
         self.threshold_updates.add_(1)
         rate = max(1 - self.threshold_beta, 1 / int(self.threshold_updates))
-        self.threshold.copy_(torch.lerp(self.threshold.clamp_min(0), kept.min(), rate))
+        kept_min = kept.min().to(self.threshold.dtype)
+        self.threshold.copy_(torch.lerp(self.threshold.clamp_min(0), kept_min, rate))
 
     def reconstruction_losses(self, x_n: torch.Tensor, code: SparseCode) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """``(loss, x_hat_n, terms)`` of the reconstruction (Matryoshka overrides it)."""
@@ -463,7 +527,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         (others as :class:`BatchTopKSAE`)
 
     Raises:
-        ConfigError: prefixes not strictly increasing or not ending at ``d_sae``.
+        ConfigError: empty ``prefixes``, prefixes below 1, not strictly increasing or not ending at ``d_sae``.
     """
 
     def __init__(self, d_model: int, d_sae: int, k: int = 32, prefixes: list[int] | None = None,
@@ -473,11 +537,11 @@ class MatryoshkaSAE(BatchTopKSAE):
         if prefixes is None:
             prefixes = sorted({max(d_sae // 2**i, 1) for i in range(4, -1, -1)})
         prefixes = [int(p) for p in prefixes]
-        if prefixes[-1] != d_sae or any(b <= a for a, b in itertools.pairwise(prefixes)) or prefixes[0] < 1:
-            raise ConfigError(
-                f"Matryoshka prefixes must increase strictly and end at d_sae={d_sae}, got {prefixes}. "
-                f"Fix: e.g. prefixes [{d_sae // 8}, {d_sae // 4}, {d_sae // 2}, {d_sae}]."
-            )
+        example = sorted({max(d_sae // 2**i, 1) for i in range(3, -1, -1)})
+        _check(bool(prefixes) and prefixes[0] >= 1 and prefixes[-1] == d_sae
+               and all(b > a for a, b in itertools.pairwise(prefixes)),
+               "prefixes", prefixes, f"increase strictly and end at d_sae={d_sae} (sizes >= 1)",
+               f"e.g. prefixes {example}, or leave prefixes unset for d_sae/16, /8, /4, /2, d_sae")
         self.prefixes = prefixes
 
     def prefix_reconstructions(self, code: SparseCode) -> list[torch.Tensor]:
@@ -510,13 +574,18 @@ class ReLUSAE(SparseAutoencoder):
         l1_coeff: the sparsity coefficient lambda (the update used 5 with ``E||x|| = sqrt(d)``).
         l1_warmup_steps: steps of the linear lambda warm-up (0: none).
         (others as :class:`SparseAutoencoder`)
+
+    Raises:
+        ConfigError: ``l1_coeff <= 0`` or ``l1_warmup_steps < 0`` (and the base class's).
     """
 
     unit_norm_decoder = False
 
     def __init__(self, d_model: int, d_sae: int, l1_coeff: float = 5.0, l1_warmup_steps: int = 0,
                  dead_tokens: int = 10_000_000) -> None:
-        _check_positive("l1_coeff", l1_coeff, "set l1_coeff > 0")
+        _check_positive("l1_coeff", l1_coeff)
+        _check(l1_warmup_steps >= 0, "l1_warmup_steps", l1_warmup_steps, "be >= 0",
+               "set l1_warmup_steps >= 0 (0: no warm-up)")
         self.l1_coeff, self.l1_warmup_steps = l1_coeff, l1_warmup_steps
         super().__init__(d_model, d_sae, dead_tokens)
         self.register_buffer("step", torch.tensor(0, dtype=torch.long))
@@ -589,27 +658,35 @@ class JumpReLUSAE(SparseAutoencoder):
     subtracted first (SAELens' default). The paper scales inputs to ``E||x||^2 = d``, this SAE to
     ``E||x|| = sqrt(d)``: about the same scale.
 
+    Precision: ``z`` is computed in float32 also under autocast (:meth:`SparseAutoencoder.pre_acts` with ``fp32``),
+    as are the comparison with ``theta`` and the pseudo-derivatives; with a bf16 ``z`` the window
+    ``|z - theta| < bandwidth / 2`` would hold no value once ``theta`` exceeds ~0.13 (bf16 spacing > 0.001), and
+    ``theta`` would get no gradient. So this variant gains no speed from mixed precision.
+
     Args:
         l0_coeff: sparsity coefficient lambda.
         bandwidth: kernel width epsilon (paper: 0.001).
         init_threshold: initial theta (paper: 0.001).
         (others as :class:`SparseAutoencoder`)
+
+    Raises:
+        ConfigError: ``l0_coeff``, ``bandwidth`` or ``init_threshold`` not > 0 (and the base class's).
     """
 
     def __init__(self, d_model: int, d_sae: int, l0_coeff: float = 1.0, bandwidth: float = 0.001,
                  init_threshold: float = 0.001, dead_tokens: int = 10_000_000) -> None:
         for name, value in (("l0_coeff", l0_coeff), ("bandwidth", bandwidth), ("init_threshold", init_threshold)):
-            _check_positive(name, value, f"set {name} > 0")
+            _check_positive(name, value)
         self.l0_coeff, self.bandwidth, self.init_threshold = l0_coeff, bandwidth, init_threshold
         super().__init__(d_model, d_sae, dead_tokens)
         self.log_threshold = nn.Parameter(torch.full((d_sae,), math.log(init_threshold)))
 
     def code(self, x_n: torch.Tensor) -> SparseCode:
-        return threshold_code(self.pre_acts(x_n), self.log_threshold.exp())
+        return threshold_code(self.pre_acts(x_n, fp32=True), self.log_threshold.float().exp())
 
     def loss(self, x_n: torch.Tensor) -> SAELoss:
-        z = self.pre_acts(x_n)
-        theta = self.log_threshold.exp()
+        z = self.pre_acts(x_n, fp32=True)
+        theta = self.log_threshold.float().exp()
         f = _JumpReLU.apply(z, theta, self.bandwidth)
         l0 = _Step.apply(z, theta, self.bandwidth).sum(-1).mean()
         # the code also holds the zeros within bandwidth / 2 below the threshold: eq. 11 needs d loss / d f there
@@ -632,14 +709,19 @@ class TopAFASAE(TopKSAE):
     would need more keeps ``k_max``.
 
     Args:
-        k_max: cap on active latents per token.
+        k_max: cap on active latents per token (a cap above ``d_sae`` acts as ``d_sae``).
         afa_coeff: weight of the AFA norm-matching term (the authors sweep 1/128 to 1/16).
         (others as :class:`TopKSAE`)
+
+    Raises:
+        ConfigError: ``k_max < 1`` or ``afa_coeff < 0`` (and :class:`TopKSAE`'s).
     """
 
     def __init__(self, d_model: int, d_sae: int, k_max: int = 128, afa_coeff: float = 1 / 32,
                  k_aux: int | None = None, aux_coeff: float = 1 / 32, dead_tokens: int = 10_000_000) -> None:
-        super().__init__(d_model, d_sae, min(k_max, d_sae), k_aux, aux_coeff, dead_tokens)
+        _check_positive("k_max", k_max, integer=True)
+        _check_non_negative("afa_coeff", afa_coeff)
+        super().__init__(d_model, d_sae, min(k_max, max(d_sae, 1)), k_aux, aux_coeff, dead_tokens)
         self.k_max, self.afa_coeff = k_max, afa_coeff
 
     def _select(self, dead: torch.Tensor | None) -> Selector:
@@ -654,9 +736,10 @@ class TopAFASAE(TopKSAE):
         return sorted_select
 
     def _afa(self, x_n: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> SparseCode:
-        """Keep, per row, the prefix of the descending ``values`` whose norm is closest to ``||x_n - b_dec||``."""
-        target = (x_n - self.b_dec).detach().norm(dim=1, keepdim=True)
-        norms = values.detach().pow(2).cumsum(1).sqrt()
+        """Keep, per row, the prefix of the descending ``values`` whose norm is closest to ``||x_n - b_dec||``
+        (norms in float32, also when ``values`` come from an autocast matmul)."""
+        target = (x_n - self.b_dec).detach().float().norm(dim=1, keepdim=True)
+        norms = values.detach().float().pow(2).cumsum(1).sqrt()
         count = (norms - target).abs().argmin(dim=1, keepdim=True)  # index of the last kept slot
         keep = torch.arange(values.shape[1], device=values.device) <= count
         return SparseCode(values * keep, indices)
@@ -674,7 +757,7 @@ class TopAFASAE(TopKSAE):
         x_hat = self.decode_n(code)
         mse = squared_error(x_n, x_hat)
         fvu = mse / batch_variance(x_n)
-        afa = (code.values.norm(dim=1) - (x_n - self.b_dec).norm(dim=1)).pow(2).mean()
+        afa = (code.values.float().norm(dim=1) - (x_n - self.b_dec).float().norm(dim=1)).pow(2).mean()
         auxk = self._auxk(x_n, x_hat, values[:, self.k :], indices[:, self.k :]) if dead is not None else None
         terms = {"mse": mse, "fvu": fvu, "afa": afa, "auxk": auxk if auxk is not None else torch.zeros_like(fvu)}
         return self._result(fvu + self.afa_coeff * afa + self.aux_coeff * terms["auxk"], terms, x_hat, code)
@@ -693,13 +776,16 @@ class MPSAE(SparseAutoencoder):
     Args:
         steps: matching-pursuit steps T (at most T active latents per token).
         (others as :class:`SparseAutoencoder`)
+
+    Raises:
+        ConfigError: ``steps < 1`` (and the base class's).
     """
 
     has_encoder = False
     distinct_ids = False
 
     def __init__(self, d_model: int, d_sae: int, steps: int = 32, dead_tokens: int = 10_000_000) -> None:
-        _check_positive("steps", steps, "set steps >= 1")
+        _check_positive("steps", steps, integer=True)
         self.steps = steps
         super().__init__(d_model, d_sae, dead_tokens)
 

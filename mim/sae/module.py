@@ -44,7 +44,14 @@ class SAETraining(L.LightningModule):
         downstream: also run :func:`mim.sae.downstream.downstream_probe` at the end of each validation
             (linear-probe top-1 on codes vs raw features vs reconstructions; trains on the training store).
 
+    Mixed precision: ``--trainer.precision bf16-mixed`` (or ``16-mixed`` on a GPU) runs the training and
+    validation steps under autocast; the SAE keeps float32 parameters, buffers, thresholds and losses (see
+    :class:`~mim.sae.models.SparseAutoencoder`), the validation metrics accumulate in float64.
+
     Raises:
+        ConfigError (at construction): ``lr <= 0``, ``betas`` outside ``[0, 1)``, ``eps <= 0``,
+            ``warmup_steps < 0``, ``decay_fraction`` outside ``[0, 1]``, ``init_tokens < 1`` or
+            ``dense_threshold`` outside ``(0, 1]``.
         UserError: a NaN / Inf loss (names the step); from ``setup``, a store whose ``d_model`` differs from
             the SAE's (``FeatureStoreError``).
     """
@@ -62,6 +69,23 @@ class SAETraining(L.LightningModule):
         downstream: bool = False,
     ) -> None:
         super().__init__()
+        betas = tuple(betas)
+        checks = (
+            ("lr", lr, lr > 0, "be > 0", "e.g. 2e-4 * sqrt(16384 / d_sae) (Gao et al.)"),
+            ("betas", list(betas), len(betas) == 2 and all(0 <= b < 1 for b in betas), "be two numbers in [0, 1)",
+             "e.g. [0.9, 0.999]"),
+            ("eps", eps, eps > 0, "be > 0", "e.g. 6.25e-10 (Gao et al.)"),
+            ("warmup_steps", warmup_steps, warmup_steps >= 0, "be >= 0", "e.g. 1000 (0: no warm-up)"),
+            ("decay_fraction", decay_fraction, 0 <= decay_fraction <= 1, "lie in [0, 1]",
+             "e.g. 0.2 (the last 20 % of the steps; 0: no decay)"),
+            ("init_tokens", init_tokens, init_tokens >= 1, "be >= 1", "e.g. 65536"),
+            ("dense_threshold", dense_threshold, 0 < dense_threshold <= 1, "lie in (0, 1]", "e.g. 0.1"),
+        )
+        for name, value, ok, rule, fix in checks:
+            if not ok:
+                raise ConfigError(
+                    f"SAETraining {name} must {rule}, got {value!r}. Fix: set --model.init_args.{name}, {fix}."
+                )
         self.save_hyperparameters(ignore=["sae"])
         self.sae = sae
         self.val_metrics = sae_metrics(sae.d_model, sae.d_sae, dense_threshold=dense_threshold, prefix="val/")
@@ -124,7 +148,11 @@ class SAETraining(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.sae.remove_parallel_grad_()
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimizer step, then the decoder rows back to unit norm: inside the step, before any
+        ``on_train_batch_end`` hook, so a step checkpoint (``ModelCheckpoint`` saves in that hook) holds the
+        normalised decoder and a resumed run goes on exactly."""
+        super().optimizer_step(*args, **kwargs)
         self.sae.normalize_decoder_()
 
     # ------------------------------------------------------------------------------------- validation
