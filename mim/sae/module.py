@@ -128,9 +128,13 @@ class SAETraining(L.LightningModule):
     def training_step(self, batch: FeatureBatch, batch_idx: int) -> torch.Tensor:
         x_n = self.sae.normalize(batch.features)
         out = self.sae.loss(x_n)
-        if not torch.isfinite(out.loss):
+        finite = torch.isfinite(out.loss.detach())
+        if self.trainer.world_size > 1:  # every rank stops at the same step: none waits in a collective
+            finite = self.trainer.strategy.reduce(finite.float(), reduce_op="min") > 0
+        if not finite:
             raise UserError(
-                f"The SAE loss is {out.loss.item()} at step {self.global_step} ({', '.join(out.terms)}). "
+                f"The SAE loss is not finite at step {self.global_step} (here {out.loss.item()}; terms "
+                f"{', '.join(out.terms)}; under DDP on at least one rank). "
                 "Fix: lower --model.init_args.lr (or the sparsity coefficient), and check the feature store "
                 "(the data module's check_finite=true names a NaN shard and row)."
             )
