@@ -229,6 +229,13 @@ def _readable(path: str) -> bool:
         return False
 
 
+def unreadable(paths: Sequence[str], threads: int = 8) -> list[str]:
+    """The files of ``paths`` that :func:`load_rgb` cannot decode, in order (decoded on ``threads`` threads)."""
+    with ThreadPoolExecutor(threads) as pool:
+        ok = list(pool.map(_readable, paths))
+    return [p for p, good in zip(paths, ok) if not good]
+
+
 class RGBImageFolder(tvd.ImageFolder):
     """``torchvision.datasets.ImageFolder`` over ``root/<class>/<image>`` that loads with ``load_rgb``.
 
@@ -265,11 +272,10 @@ class RGBImageFolder(tvd.ImageFolder):
         Returns:
             paths of the removed files (also kept in ``self.skipped``).
         """
-        with ThreadPoolExecutor(threads) as pool:
-            ok = list(pool.map(_readable, [p for p, _ in self.samples]))
-        self.skipped = [p for (p, _), good in zip(self.samples, ok) if not good]
+        self.skipped = unreadable([p for p, _ in self.samples], threads)
         if self.skipped:
-            self.samples = [s for s, good in zip(self.samples, ok) if good]
+            bad = set(self.skipped)
+            self.samples = [s for s in self.samples if s[0] not in bad]
             self.imgs = self.samples
             self.targets = [t for _, t in self.samples]
         return self.skipped

@@ -57,6 +57,7 @@ from mim.data.datasets import (  # noqa: E402
     first_per_class,
     load_rgb,
     targets_of,
+    unreadable,
 )
 
 try:
@@ -109,19 +110,6 @@ class _ShardItem:
             data = _png_bytes(img if img.mode == "RGB" else img.convert("RGB"))
             rel = f"{self.name}[{index}]"
         return {"image": data, "label": int(label), "index": int(index), "path": rel}
-
-
-def _unreadable(paths: Sequence[str], threads: int) -> list[str]:
-    def bad(path: str) -> bool:
-        try:
-            load_rgb(path)
-            return False
-        except BadImageError:
-            return True
-
-    with ThreadPoolExecutor(threads) as pool:
-        flags = list(pool.map(bad, paths))
-    return [p for p, b in zip(paths, flags) if b]
 
 
 def _is_remote(path: str) -> bool:
@@ -215,7 +203,7 @@ def optimize_image_dataset(
             raise ConfigError(f"{out} exists and is not empty. Fix: choose another output folder, or pass --overwrite.")
         out.mkdir(parents=True, exist_ok=True)
     if verify and isinstance(raw, RGBImageFolder):
-        bad = _unreadable([raw.samples[i][0] for i in positions], threads)
+        bad = unreadable([raw.samples[i][0] for i in positions], threads)
         if bad:
             more = f" (and {len(bad) - 20} more)" if len(bad) > 20 else ""
             raise BadImageError(
