@@ -55,7 +55,7 @@ def extract_store(
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(path.parent),
                         callbacks=[FeatureStoreWriter(str(path), shard_size=64)])
-    trainer.predict(FeatureExtractor(encoder, layer=layer, tokens=tokens), datamodule=dm, return_predictions=False)
+    trainer.predict(FeatureExtractor(encoder, layers=layer, tokens=tokens), datamodule=dm, return_predictions=False)
     return path
 
 

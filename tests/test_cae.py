@@ -6,13 +6,11 @@ import pytest
 import timm
 import torch
 from safetensors.torch import load_file, save_file
-from timm.optim import param_groups_weight_decay
 
 from mim.cli import cli_main
 from mim.errors import ConfigError
 from mim.export import load_encoder
 from mim.masking import BlockMask, RandomMask
-from mim.methods.base import NO_WEIGHT_DECAY
 from mim.methods.cae import CAE
 from mim.patches import visible_ids
 
@@ -117,7 +115,7 @@ def test_teacher_target_is_frozen_and_loads_weights(tmp_path, cifar_batch):
     assert out.pred.shape == (4, 32, 48)  # teacher width; its 4x4 grid is repeated onto 8x8
     out.loss.backward()
     assert all(p.grad is None for p in model.teacher.parameters())
-    groups = param_groups_weight_decay(model, 0.05, no_weight_decay_list=NO_WEIGHT_DECAY)
+    groups = model.weight_decay_groups()
     optimised = {id(p) for g in groups for p in g["params"]}
     assert optimised and not any(id(p) in optimised for p in model.teacher.parameters())
     rec = model.reconstruct(imgs, torch.Generator().manual_seed(0))

@@ -9,6 +9,7 @@ the same parameters after the step, and the same online probe and kNN accuracies
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,13 @@ import yaml
 from cli_run import DDP, REPO, run_mim
 from safetensors.torch import load_file
 
-CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+from mim.export import save_encoder
+from mim.features.store import FeatureStore
+from mim.sae.cache import LatentCache
+from mim.sae.models import load_sae
+
+#: The paper-scale ``*_in1k.yaml`` configs (8 GPUs, ImageNet) are covered by tests/test_in1k_configs.py instead.
+CONFIGS = sorted(c for c in (REPO / "configs").rglob("*.yaml") if not c.stem.endswith("_in1k"))
 PRETRAIN = [c for c in CONFIGS if c.parent.name in ("mae", "colormae", "cae", "mixedae", "spark")]
 #: 20 train images, 8 per rank and step: one global batch of 16 = one optimiser step; 10 validation images.
 TINY_DATA = ("--data.init_args.limit_per_class", "2", "--data.init_args.val_limit_per_class", "1",
@@ -64,7 +71,8 @@ def _log_dir(root: Path) -> Path:
 def test_every_config_is_covered():
     covered = set(PRETRAIN) | {REPO / "configs" / p for p in (
         "eval/linear_probe_cifar10.yaml", "eval/finetune_cifar10.yaml", "eval/knn_cifar10.yaml",
-        "extract/vit_tiny_cifar10.yaml", "sae/topk_vit_tiny_cifar10.yaml")}
+        "extract/vit_tiny_cifar10.yaml", "sae/topk_vit_tiny_cifar10.yaml", "sae/latent_cache_vit_tiny_cifar10.yaml",
+        "sae/splice_vit_tiny_cifar10.yaml")}
     assert set(CONFIGS) == covered, "a new config needs a DDP run in this file"
 
 
@@ -122,9 +130,16 @@ def test_knn_config_under_ddp(tmp_path, shared_data):
     assert "knn/top1" in res.stdout
 
 
-def test_extract_and_sae_configs_under_ddp(tmp_path, shared_data):
+def test_extract_sae_cache_and_splice_configs_under_ddp(tmp_path, shared_data):
+    """The analysis chain under DDP: extraction, SAE training (= one process of the global batch), the latent
+    cache (= the SAE's codes of every token) and the splice-in evaluation (= the same numbers on one process)."""
+    torch.manual_seed(0)
+    encoder = save_encoder(timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, patch_size=4),
+                           {"model_name": "vit_tiny_patch16_224", "model_kwargs": {"img_size": 32, "patch_size": 4}},
+                           tmp_path / "encoder.safetensors")
     store = tmp_path / "store"
     run_mim("predict", "-c", str(REPO / "configs" / "extract" / "vit_tiny_cifar10.yaml"), *DDP,
+            "--model.init_args.encoder", str(encoder),
             "--trainer.default_root_dir", str(tmp_path), "--trainer.callbacks.init_args.path", str(store),
             "--data.init_args.limit_per_class", "2", "--data.init_args.batch_size", "8",
             "--data.init_args.num_workers", "0", env={"MIM_DATA": str(shared_data)})
@@ -151,6 +166,36 @@ def test_extract_and_sae_configs_under_ddp(tmp_path, shared_data):
             "--data.init_args.batch_size", "640", "--model.init_args.init_tokens", "640")
     single = torch.load(_log_dir(one) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     _assert_same_parameters(ckpt["state_dict"], single["state_dict"], atol=1e-5)
+
+    # the latent cache of the trained SAE: both ranks' shards, every token's code as the SAE gives it
+    cache = tmp_path / "cache"
+    run_mim("predict", "-c", str(REPO / "configs" / "sae" / "latent_cache_vit_tiny_cifar10.yaml"), *DDP,
+            "--model.init_args.sae", str(log_dir / "sae.safetensors"), "--data.init_args.store", str(store),
+            "--data.init_args.batch_size", "4", "--trainer.callbacks.init_args.path", str(cache))
+    latents = LatentCache(cache)
+    assert latents.metadata["world_size"] == 2 and {s["rank"] for s in latents.metadata["shards"]} == {0, 1}
+    sae = load_sae(log_dir / "sae.safetensors")
+    rows = FeatureStore(store).read("patch")
+    for row in (0, 7, 19):
+        image = int(rows.indices[row])
+        with torch.no_grad():
+            want = sae.encode(rows.features[row].float()).to_dense(sae.d_sae)
+        torch.testing.assert_close(latents.dense(image), want, atol=1e-5, rtol=1e-5)
+
+    # splice-in evaluation: 2 ranks give the numbers of 1 process (the head is fitted on the same images)
+    results = []
+    for name, devices in (("splice_ddp", DDP), ("splice_one", ("--trainer.accelerator", "cpu", "--trainer.devices", "1"))):
+        root = tmp_path / name
+        run_mim("validate", "-c", str(REPO / "configs" / "sae" / "splice_vit_tiny_cifar10.yaml"), *devices,
+                "--model.init_args.sae", str(log_dir / "sae.safetensors"), "--model.init_args.store", str(store),
+                "--model.init_args.pool", "avg", "--model.init_args.head_images_per_class", "2",
+                "--data.init_args.val_limit_per_class", "2", "--data.init_args.batch_size", "4",
+                "--data.init_args.num_workers", "0", "--trainer.default_root_dir", str(root),
+                "--trainer.logger.init_args.save_dir", str(root), env={"MIM_DATA": str(shared_data)})
+        results.append(json.loads((_log_dir(root) / "splice.json").read_text()))
+    assert results[0]["top1_clean"] == results[1]["top1_clean"]
+    for key in ("top1_recon", "top1_zero", "top1_mean", "kl_recon", "kl_zero"):
+        assert results[0][key] == pytest.approx(results[1][key], rel=1e-4, abs=1e-6), key
 
 
 def test_nan_loss_on_one_rank_stops_every_rank(tmp_path, shared_data):

@@ -1,4 +1,4 @@
-"""Feature extraction into a feature store and reading it back (issue 5, item 5), on real CIFAR-10 subsets."""
+"""Feature extraction into a feature store and reading it back, on real CIFAR-10 subsets."""
 
 from __future__ import annotations
 
@@ -95,9 +95,11 @@ def test_store_round_trip_equals_frozen_features(store_path, encoder_file, share
 
 def test_intermediate_block_is_the_raw_residual_stream(encoder_file, cifar_batch):
     imgs = cifar_batch[0][:4]
-    extractor = FeatureExtractor(str(encoder_file), layer=5, tokens=["patch", "cls"], dtype="bfloat16")
-    rows = extractor.predict_step((imgs, cifar_batch[1][:4], torch.arange(4)), 0)
-    assert set(rows) == {"cls", "patch", "labels", "indices"} and rows["patch"].dtype == torch.bfloat16
+    extractor = FeatureExtractor(str(encoder_file), layers=5, tokens=["patch", "cls"], dtype="bfloat16")
+    out = extractor.predict_step((imgs, cifar_batch[1][:4], torch.arange(4)), 0)
+    assert set(out) == {"layers", "labels", "indices"} and list(out["layers"]) == [5]
+    rows = out["layers"][5]
+    assert set(rows) == {"cls", "patch"} and rows["patch"].dtype == torch.bfloat16
     enc = extractor.encoder
     with torch.no_grad():  # blocks 0..5, no final norm
         x = enc.norm_pre(enc._pos_embed(enc.patch_embed(imgs)))
@@ -105,15 +107,15 @@ def test_intermediate_block_is_the_raw_residual_stream(encoder_file, cifar_batch
             x = block(x)
     torch.testing.assert_close(rows["patch"].float(), x[:, 1:], atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(rows["cls"].float(), x[:, 0], atol=2e-2, rtol=2e-2)
-    assert extractor.store_details()["patch_grid"] == [8, 8]
-    with pytest.raises(ConfigError, match=r"layer 12 is out of range.*\[-12, 11\]"):
-        FeatureExtractor(str(encoder_file), layer=12)
+    assert extractor.store_details(5)["patch_grid"] == [8, 8]
+    with pytest.raises(ConfigError, match=r"layers \[12\] out of range.*\[-12, 11\]"):
+        FeatureExtractor(str(encoder_file), layers=12)
 
 
 def test_convnet_patch_tokens_are_stage_positions(cifar_batch):
     imgs = cifar_batch[0][:4]
-    extractor = FeatureExtractor("timm:resnet18", layer=-2, tokens=["mean", "patch"])  # layer3: 256 ch, 2x2
-    feats = extractor(imgs)
+    extractor = FeatureExtractor("timm:resnet18", layers=-2, tokens=["mean", "patch"])  # layer3: 256 ch, 2x2
+    feats = extractor(imgs)[3]
     enc = extractor.encoder
     with torch.no_grad():
         x = enc.maxpool(enc.act1(enc.bn1(enc.conv1(imgs))))
@@ -165,14 +167,14 @@ def test_mismatching_store_is_refused_naming_the_fields(tmp_path, store_path, en
     path = tmp_path / "store"
     shutil.copytree(store_path, path)
     with pytest.raises(FeatureStoreMismatchError, match=r"layer: store 11, this run 5.*overwrite=True") as err:
-        _extract(path, shared_data, FeatureExtractor(str(encoder_file), layer=5, tokens=ALL))
+        _extract(path, shared_data, FeatureExtractor(str(encoder_file), layers=5, tokens=ALL))
     assert isinstance(err.value, UserError) and "another folder" in str(err.value)
     tokens_differ = r"tokens: store \['cls', 'mean', 'patch'\], this run \['cls'\]"
     with pytest.raises(FeatureStoreMismatchError, match=tokens_differ):
         _extract(path, shared_data, FeatureExtractor(str(encoder_file), tokens=["cls"]))
     with pytest.raises(FeatureStoreMismatchError, match=r"data.limit_per_class: store 2, this run 1"):
         _extract(path, shared_data, FeatureExtractor(str(encoder_file), tokens=ALL), limit_per_class=1)
-    _extract(path, shared_data, FeatureExtractor(str(encoder_file), layer=5, tokens=["cls"]), overwrite=True)
+    _extract(path, shared_data, FeatureExtractor(str(encoder_file), layers=5, tokens=["cls"]), overwrite=True)
     store = FeatureStore(path)
     assert store.metadata["layer"] == 5 and store.tokens == ["cls"] and len(store) == N_IMAGES
 
@@ -255,3 +257,21 @@ def test_mim_predict_from_yaml(tmp_path, encoder_file, shared_data, monkeypatch)
     assert len(store) == 10 and store.tokens == ALL and meta["split"] == "train" and meta["patch_grid"] == [8, 8]
     assert meta["encoder"]["weights_sha256"] == load_encoder_from(encoder_file)[1]["weights_sha256"]
     assert store.read("patch").features.shape == (10, 64, 192) and store.read("cls").labels.tolist() == list(range(10))
+
+
+def test_shard_writer_raises_a_failed_background_write(tmp_path, monkeypatch):
+    """Shards are written by a background thread: a failed write (disk full) must still stop the run, at the next
+    shard or at close, and leave no file under a shard's name."""
+    import mim.features.store as store_module
+    from mim.features.store import ShardWriter
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store_module, "save_file", full_disk)
+    writer = ShardWriter(tmp_path, 0, shard_size=2)
+    rows = {"patch": torch.zeros(3, 4, 8), "labels": torch.zeros(3, dtype=torch.long), "indices": torch.arange(3)}
+    with pytest.raises(OSError, match="No space left"):
+        writer.add(rows)  # the first full shard is queued; its error surfaces at close at the latest
+        writer.close()
+    assert not list(tmp_path.glob("rank0-*.safetensors"))

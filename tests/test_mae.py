@@ -114,14 +114,11 @@ def test_warmup_cosine_schedule():
     assert warmup_cosine(110, 10, 110, min_ratio=0.1) == pytest.approx(0.1)
 
 
-def test_weight_decay_groups_exclude_bias_norm_pos_and_tokens():
-    from timm.optim import param_groups_weight_decay
-
-    from mim.methods.base import NO_WEIGHT_DECAY
-
-    model = MAE(**SMALL)
+def test_weight_decay_groups_exclude_bias_norm_pos_and_tokens_when_opted_out():
+    # (the default, decay_tokens=True, decays the tokens as the official MAE: tests/test_paper_fixes.py)
+    model = MAE(**SMALL, decay_tokens=False)
     names = {id(p): n for n, p in model.named_parameters()}
-    groups = param_groups_weight_decay(model, 0.05, no_weight_decay_list=NO_WEIGHT_DECAY)
+    groups = model.weight_decay_groups()
     no_decay = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
     decay = {names[id(p)] for g in groups if g["weight_decay"] == 0.05 for p in g["params"]}
     assert {"encoder.cls_token", "decoder.mask_token", "encoder.blocks.0.norm1.weight",

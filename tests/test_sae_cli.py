@@ -1,4 +1,4 @@
-"""``mim fit`` / ``mim validate`` of an SAE on real feature stores (issue 6): configs/sae/topk_vit_tiny_cifar10.yaml."""
+"""``mim fit`` / ``mim validate`` of an SAE on real feature stores: configs/sae/topk_vit_tiny_cifar10.yaml."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SAE variants and their kernels (issue 6) on real extracted features: ViT-Tiny/4 block-6 patch tokens of
+"""SAE variants and their kernels on real extracted features: ViT-Tiny/4 block-6 patch tokens of
 CIFAR-10 images (the ``sae_stores`` fixture)."""
 
 from __future__ import annotations

@@ -5,6 +5,11 @@ patch heatmap over them, a latent-frequency histogram, a per-class activation ta
         --data-root ../shared/data --out runs/gallery                      # the 16 most frequent latents
     python tools/sae_gallery.py ... --select selective --n-latents 32      # the most class-selective ones
     python tools/sae_gallery.py ... --latents 3 17 42 --top 25             # chosen latents, 25 images each
+    python tools/sae_gallery.py --cache runs/latent_cache/topk_val --store runs/features/cifar10_val \
+        --data-root ../shared/data --out runs/gallery                      # from a latent cache: no encoding
+
+A latent cache (``mim predict -c configs/sae/latent_cache_vit_tiny_cifar10.yaml``, ``mim/sae/cache.py``) gives the
+same pictures without encoding the store again; with ``--sae`` too, the cache is checked against that SAE.
 
 Definitions (frequency, image score, selectivity, heatmap): ``mim/sae/viz.py``. Needs matplotlib
 (``pip install 'mim-lightning[viz]'``). Prints the paths written.
@@ -19,6 +24,7 @@ from pathlib import Path
 
 from mim.errors import UserError
 from mim.features.store import FeatureStore
+from mim.sae.cache import LatentCache
 from mim.sae.models import load_sae
 from mim.sae.viz import (
     MIN_COUNT,
@@ -31,7 +37,10 @@ from mim.sae.viz import (
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sae", required=True, help="saved SAE (.safetensors or .json of save_sae)")
+    parser.add_argument("--sae", default=None, help="saved SAE (.safetensors or .json of save_sae); "
+                        "needed unless --cache is given")
+    parser.add_argument("--cache", default=None, help="latent cache folder of the SAE on --store (mim predict with "
+                        "LatentCacheWriter): read top images and heatmaps from it instead of encoding")
     parser.add_argument("--store", required=True, help="feature store folder (same encoder and layer as the SAE)")
     parser.add_argument("--data-root", default=None, help="data root of the store's dataset (default $MIM_DATA)")
     parser.add_argument("--out", default="runs/gallery", help="output folder (default runs/gallery)")
@@ -53,16 +62,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     """Run the tool on ``argv`` (default ``sys.argv[1:]``); returns the paths written (also printed)."""
     args = parse_args(argv)
-    sae = load_sae(args.sae, map_location=args.device)
+    if args.sae is None and args.cache is None:
+        raise UserError("sae_gallery needs --sae or --cache. Fix: pass the saved SAE, or its latent cache.")
+    sae = load_sae(args.sae, map_location=args.device) if args.sae else None
+    cache = LatentCache(args.cache) if args.cache else None
     store = FeatureStore(args.store)
-    tokens = args.tokens or ("patch" if "patch" in store.tokens else "cls")
+    tokens = args.tokens or (cache.tokens if cache else "patch" if "patch" in store.tokens else "cls")
     dataset = store_dataset(store.metadata, args.data_root)  # before the pass: a wrong root fails fast
     acts = latent_activations(
         sae, store, tokens=tokens, batch_size=args.batch_size, n_top=args.top,
         latents=args.latents if args.latents else args.select, n_latents=args.n_latents,
-        min_count=args.min_count, num_classes=len(dataset.dataset.classes),
+        min_count=args.min_count, num_classes=len(dataset.dataset.classes), cache=cache,
     )
-    title = f"SAE {Path(args.sae).name} ({sae.d_sae} latents) on {store.path.name} ({tokens} tokens)"
+    name = Path(args.sae).name if args.sae else Path(cache.metadata.get("sae_file") or args.cache).name
+    title = f"SAE {name} ({acts.d_sae} latents) on {store.path.name} ({tokens} tokens)"
     paths = write_gallery(acts, dataset, args.out, title=title)
     for path in paths:
         print(path)

@@ -104,6 +104,7 @@ class _MaskedBatchNorm(torch.autograd.Function):
             out = out.add_(bias[None, :, None, None]).mul_(sites)
         ctx.save_for_backward(centred, sites, invstd, weight, count)
         ctx.sync, ctx.has_bias = sync, bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.mark_non_differentiable(mean, var)
         return out, mean, var
 
@@ -121,6 +122,10 @@ class _MaskedBatchNorm(torch.autograd.Function):
         k0 = -a * sums[0] / count
         grad_x = torch.addcmul(g * a[None, :, None, None], centred, k1[None, :, None, None])
         grad_x = grad_x.add_(k0[None, :, None, None]).mul_(sites)
+        if grad_weight is not None:  # each gradient in its parameter's dtype (float32 weights, float64 input)
+            grad_weight = grad_weight.to(weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(ctx.bias_dtype)
         return grad_x, None, grad_weight, grad_bias, None, None
 
 
@@ -214,8 +219,9 @@ def masked_batch_norm(
     """Batch normalisation with statistics over the active sites only (SparK Sec. 3.1, sparse BN).
 
     Args:
-        x: ``(B, C, H, W)`` float (any float dtype; statistics in float32), zero outside the
-            active sites.
+        x: ``(B, C, H, W)`` float, zero outside the active sites. Statistics and normalisation run in
+            ``float32``, or in ``float64`` for a ``float64`` input (half / bfloat16 inputs are promoted to
+            ``float32``); the output has the input's dtype, and so has its gradient.
         sites: ``(B, 1, H, W)`` float in {0, 1}, 1 = active.
         running_mean, running_var: ``(C,)`` buffers updated in place (unbiased variance, as
             ``nn.BatchNorm2d``), or ``None``.
@@ -230,8 +236,9 @@ def masked_batch_norm(
 
     A batch without any active site gives zeros (the count is clamped to 1; no host sync).
     """
-    dtype = x.dtype  # statistics and normalisation in float32 (also under autocast)
-    out, mean, var = _MaskedBatchNorm.apply(x.float(), sites.float(), weight, bias, eps, sync)
+    dtype = x.dtype  # statistics and normalisation in float32 (also under autocast), float64 kept
+    compute = torch.promote_types(dtype, torch.float32)
+    out, mean, var = _MaskedBatchNorm.apply(x.to(compute), sites.to(compute), weight, bias, eps, sync)
     if running_mean is not None and running_var is not None:
         with torch.no_grad():
             factor = 0.1 if momentum is None else momentum

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -23,7 +24,12 @@ from mim.data.datasets import (
     targets_of,
 )
 from mim.data.resumable import ResumableSampler, SampleRNG, batches_done
-from mim.data.transforms import IMAGENET_CROP_PCT, eval_transform, train_transform
+from mim.data.transforms import CROP_MODES, IMAGENET_CROP_PCT, INTERPOLATIONS, eval_transform, train_transform
+
+log = logging.getLogger(__name__)
+
+#: ``img_size`` when neither the user nor an adopted encoder preprocessing sets it.
+DEFAULT_IMG_SIZE = 32
 
 
 def default_num_workers() -> int:
@@ -90,7 +96,7 @@ class ImageDataModule(L.LightningDataModule):
             size when those are left unset; no subsets, ``seed`` is its shuffle seed).
         root: data root; None: the ``MIM_DATA`` environment variable, else ``./data``. Where each
             dataset is looked for under it: datasets/README.md.
-        img_size: model input side in pixels.
+        img_size: model input side in pixels; None: an adopted encoder's (see below), else 32.
         batch_size: images per batch (per device).
         num_workers: DataLoader worker processes; None: ``min(4, max(1, cpu_count - 1))``.
         limit_per_class: keep only the first N train images of each class (dataset order).
@@ -102,11 +108,15 @@ class ImageDataModule(L.LightningDataModule):
         skip_bad_images: ImageFolder trees: decode every file at setup and drop unreadable ones
             (a warning names them) instead of failing with ``BadImageError`` mid-epoch.
         crop_scale: area range of the train random resized crop (MAE: (0.2, 1.0)).
-        eval_crop_pct: center-crop fraction of the eval transform; None: 1.0 when the native image
-            size equals ``img_size`` (CIFAR at 32 px), else 0.875 (ImageNet convention).
-        mean, std: per-channel RGB normalization in [0, 1] units; None: the dataset's (CIFAR-10
-            (0.4914, 0.4822, 0.4465) / (0.2470, 0.2435, 0.2616), CIFAR-100 (0.5071, 0.4865, 0.4409)
-            / (0.2673, 0.2564, 0.2762), STL10 and imagefolder ImageNet's).
+        eval_crop_pct: center-crop fraction of the eval transform; None: an adopted encoder's, else 1.0
+            when the native image size equals ``img_size`` (CIFAR at 32 px), else 0.875 (ImageNet convention).
+        mean, std: per-channel RGB normalization in [0, 1] units; None: an adopted encoder's, else the
+            dataset's (CIFAR-10 (0.4914, 0.4822, 0.4465) / (0.2470, 0.2435, 0.2616), CIFAR-100 (0.5071,
+            0.4865, 0.4409) / (0.2673, 0.2564, 0.2762), STL10 and imagefolder ImageNet's).
+        interpolation: resampling filter of every resize (``bicubic``, ``bilinear``, ``nearest``,
+            ``area``, ``lanczos``); None: an adopted encoder's, else ``bicubic``.
+        eval_crop_mode: ``center`` (resize the shorter side, center-crop) or ``squash`` (resize both
+            sides, center-crop); None: an adopted encoder's when it is one of these, else ``center``.
         train_split: stl10 only: ``train`` (default), ``test``, ``unlabeled`` or ``train+unlabeled``.
         seed: seed of the ``fraction`` subset and, plus the run's ``seed_everything``, of the training order
             and of each image's augmentation (:mod:`mim.data.resumable`).
@@ -115,6 +125,10 @@ class ImageDataModule(L.LightningDataModule):
         return_index: batches become ``(imgs, labels, indices)``, ``indices`` (B,) int64 positions of
             the images in their split (stable across subsets and workers).
         predict_split: the split ``predict_dataloader`` serves, ``"val"`` or ``"train"``.
+
+    A pretrained encoder's own preprocessing (its timm ``pretrained_cfg``) fills the fields left None
+    through :meth:`adopt_data_config` (the evaluation modules call it in their ``setup``);
+    :attr:`preprocessing` gives the values in effect.
 
     Raises:
         mim.errors.ConfigError (a ValueError): invalid arguments (in ``__init__``).
@@ -127,7 +141,7 @@ class ImageDataModule(L.LightningDataModule):
         self,
         dataset: str = "cifar10",
         root: str | None = None,
-        img_size: int = 32,
+        img_size: int | None = None,
         batch_size: int = 128,
         num_workers: int | None = None,
         limit_per_class: int | None = None,
@@ -144,13 +158,23 @@ class ImageDataModule(L.LightningDataModule):
         train_augment: bool = True,
         return_index: bool = False,
         predict_split: str = "val",
+        interpolation: str | None = None,
+        eval_crop_mode: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         if dataset not in DATASETS:
             raise ConfigError(f"Unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
-        if img_size < 1:
-            raise ConfigError(f"img_size must be >= 1, got {img_size}")
+        if img_size is not None and img_size < 1:
+            raise ConfigError(f"img_size must be >= 1 or null (auto), got {img_size}")
+        if interpolation is not None and interpolation not in INTERPOLATIONS:
+            raise ConfigError(
+                f"interpolation must be one of {', '.join(INTERPOLATIONS)} or null, got {interpolation!r}"
+            )
+        if eval_crop_mode is not None and eval_crop_mode not in CROP_MODES:
+            raise ConfigError(
+                f"eval_crop_mode must be one of {', '.join(CROP_MODES)} or null, got {eval_crop_mode!r}"
+            )
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if num_workers is not None and num_workers < 0:
@@ -186,21 +210,117 @@ class ImageDataModule(L.LightningDataModule):
 
         self.dataset = dataset
         self.root = root
-        self.img_size = img_size
         self.batch_size = batch_size
         self.num_workers = default_num_workers() if num_workers is None else num_workers
-        self.mean = tuple(mean) if mean is not None else STATS[dataset][0]
-        self.std = tuple(std) if std is not None else STATS[dataset][1]
-        native = NATIVE_SIZE[dataset]
-        if eval_crop_pct is None:
-            eval_crop_pct = 1.0 if native == img_size else IMAGENET_CROP_PCT
-        self.eval_crop_pct = eval_crop_pct
+        self.adopted: dict[str, Any] = {}  # preprocessing taken from an encoder (adopt_data_config)
+        self._train_seed: int | None = None
+        self._resolve_preprocessing()
         self.num_classes: int | None = None  # known after setup()
         self.skipped_images: list[str] = []  # files dropped by skip_bad_images
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.train_sampler: ResumableSampler | None = None
         self._resume: dict[str, int] | None = None  # sampler position from a checkpoint (load_state_dict)
+
+    def _resolve_preprocessing(self) -> None:
+        """Set ``img_size``, ``mean``, ``std``, ``interpolation``, ``eval_crop_pct``, ``eval_crop_mode``:
+        the user's value, else the adopted one, else the default."""
+        hp, adopted = self.hparams, self.adopted
+
+        def pick(name: str, default: Any) -> Any:
+            return hp.get(name) if hp.get(name) is not None else adopted.get(name, default)
+
+        self.img_size = int(pick("img_size", DEFAULT_IMG_SIZE))
+        self.mean = tuple(pick("mean", STATS[self.dataset][0]))
+        self.std = tuple(pick("std", STATS[self.dataset][1]))
+        self.interpolation = str(pick("interpolation", "bicubic"))
+        self.eval_crop_mode = str(pick("eval_crop_mode", "center"))
+        auto_crop = 1.0 if NATIVE_SIZE[self.dataset] == self.img_size else IMAGENET_CROP_PCT
+        self.eval_crop_pct = float(pick("eval_crop_pct", auto_crop))
+
+    def adopt_data_config(self, cfg: dict[str, Any]) -> None:
+        """Take an encoder's preprocessing for every field the user left unset (None), then rebuild the
+        transforms of the splits already set up. Call it before the dataloaders are built.
+
+        Args:
+            cfg: a timm data config (:func:`mim.eval.encoders.encoder_data_config`, the keys of
+                ``timm.data.resolve_data_config``): ``input_size`` (C, H, W) with H == W, ``mean``, ``std``,
+                ``interpolation``, ``crop_pct``, ``crop_mode`` (each optional). Fills ``img_size``, ``mean``,
+                ``std``, ``interpolation``, ``eval_crop_pct`` and ``eval_crop_mode`` (a ``crop_mode`` other
+                than ``center`` / ``squash`` is logged and replaced by ``center``).
+
+        Raises:
+            ConfigError: a non-square ``input_size`` while ``img_size`` is unset, or an interpolation these
+                pipelines do not have.
+        """
+        adopted: dict[str, Any] = {}
+        if cfg.get("input_size") is not None:
+            height, width = (int(v) for v in cfg["input_size"][-2:])
+            if height != width and self.hparams.get("img_size") is None:
+                raise ConfigError(
+                    f"the encoder takes {height}x{width} images but ImageDataModule makes square ones. "
+                    "Fix: set --data.init_args.img_size (and an encoder img_size in model_kwargs to match)."
+                )
+            adopted["img_size"] = height
+        for key, name in (("mean", "mean"), ("std", "std"), ("crop_pct", "eval_crop_pct")):
+            if cfg.get(key) is not None:
+                adopted[name] = tuple(float(v) for v in cfg[key]) if key != "crop_pct" else float(cfg[key])
+        if cfg.get("interpolation") is not None:
+            if cfg["interpolation"] not in INTERPOLATIONS:
+                raise ConfigError(
+                    f"the encoder's interpolation {cfg['interpolation']!r} is not one of {', '.join(INTERPOLATIONS)}. "
+                    "Fix: set --data.init_args.interpolation."
+                )
+            adopted["interpolation"] = cfg["interpolation"]
+        if cfg.get("crop_mode") is not None:
+            if cfg["crop_mode"] in CROP_MODES:
+                adopted["eval_crop_mode"] = cfg["crop_mode"]
+            elif self.hparams.get("eval_crop_mode") is None:
+                log.warning("The encoder's crop_mode %r is not supported; the eval transform crops the center.",
+                            cfg["crop_mode"])
+        self.adopted = {k: v for k, v in adopted.items() if self.hparams.get(k) is None}
+        self._resolve_preprocessing()
+        self._rebuild_transforms()
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        """The preprocessing in effect (JSON-friendly): ``img_size`` (px), ``mean`` / ``std`` ([0, 1] units),
+        ``interpolation``, ``eval_crop_pct``, ``eval_crop_mode``, and ``adopted``: the fields taken from an
+        encoder's data config (:meth:`adopt_data_config`), the others being the user's or the defaults."""
+        return {
+            "img_size": self.img_size,
+            "mean": [float(v) for v in self.mean],
+            "std": [float(v) for v in self.std],
+            "interpolation": self.interpolation,
+            "eval_crop_pct": self.eval_crop_pct,
+            "eval_crop_mode": self.eval_crop_mode,
+            "adopted": sorted(self.adopted),
+        }
+
+    def _eval_transform(self) -> Any:
+        return eval_transform(self.img_size, self.mean, self.std, self.eval_crop_pct, self.interpolation,
+                              self.eval_crop_mode)
+
+    def _train_transform(self) -> Any:
+        if not self.hparams.train_augment:
+            return self._eval_transform()
+        tf = train_transform(self.img_size, self.mean, self.std, scale=tuple(self.hparams.crop_scale),
+                             interpolation=self.interpolation)
+        if self._train_seed is None:
+            self._train_seed = int(torch.randint(2**31, ()))  # follows seed_everything in the main process
+        tf.set_random_seed(self._train_seed)
+        return tf
+
+    def _rebuild_transforms(self) -> None:
+        """Give the splits already set up the transforms of the current preprocessing fields."""
+        for ds, make in ((self.train_set, self._train_transform), (self.val_set, self._eval_transform)):
+            if ds is None:
+                continue
+            base, _ = _unwrap(ds)
+            if isinstance(base, TransformedDataset):
+                base.transform = make()
+            elif hasattr(base, "image_transform"):  # LitData's ImageStreamingDataset
+                base.image_transform = make()
 
     def prepare_data(self) -> None:
         """Download (only when ``download=True`` and the data is not already under root)."""
@@ -218,7 +338,10 @@ class ImageDataModule(L.LightningDataModule):
         if self.dataset == "litdata":  # streamed shards <root>/{train,val} (mim/data/litdata.py)
             from mim.data.litdata import setup_litdata
 
-            return setup_litdata(self, wants_train)
+            setup_litdata(self, wants_train)  # may set mean / std / eval_crop_pct from the shards' meta.json
+            if self.adopted or (self.interpolation, self.eval_crop_mode) != ("bicubic", "center"):
+                self._resolve_adopted_litdata()
+            return None
         if self.train_set is None and wants_train:
             raw = self._raw("train")
             targets = targets_of(raw)
@@ -228,19 +351,21 @@ class ImageDataModule(L.LightningDataModule):
                 keep = stratified_fraction(targets, hp.fraction, hp.seed)
             else:
                 keep = None
-            if hp.train_augment:
-                tf = train_transform(self.img_size, self.mean, self.std, scale=tuple(hp.crop_scale))
-                tf.set_random_seed(int(torch.randint(2**31, ())))  # follows seed_everything in the main process
-            else:
-                tf = eval_transform(self.img_size, self.mean, self.std, self.eval_crop_pct)
-            ds = TransformedDataset(raw, tf, return_index=hp.return_index)
+            ds = TransformedDataset(raw, self._train_transform(), return_index=hp.return_index)
             self.train_set = ds if keep is None else Subset(ds, keep)
         if self.val_set is None:
             raw = self._raw("val")
-            tf = eval_transform(self.img_size, self.mean, self.std, self.eval_crop_pct)
-            ds = TransformedDataset(raw, tf, return_index=hp.return_index)
+            ds = TransformedDataset(raw, self._eval_transform(), return_index=hp.return_index)
             limit = hp.val_limit_per_class
             self.val_set = ds if limit is None else Subset(ds, first_per_class(targets_of(raw), limit))
+
+    def _resolve_adopted_litdata(self) -> None:
+        """After ``setup_litdata``: adopted fields win over the shards' ``meta.json`` statistics (which only
+        fill what the user left unset), and the transforms get the interpolation and crop mode."""
+        for name in ("mean", "std", "eval_crop_pct"):
+            if name in self.adopted:
+                setattr(self, name, self.adopted[name])
+        self._rebuild_transforms()
 
     def _raw(self, split: str) -> Dataset:
         hp = self.hparams

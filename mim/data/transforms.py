@@ -25,6 +25,28 @@ from albumentations.pytorch import ToTensorV2  # noqa: E402
 IMAGENET_CROP_PCT = 0.875
 #: ``eval_transform`` first center-crops the long side of images more elongated than this (w/h or h/w).
 MAX_EVAL_ASPECT = 8.0
+#: Resampling filters by the names timm's ``pretrained_cfg["interpolation"]`` uses, as OpenCV flags.
+INTERPOLATIONS: dict[str, int] = {
+    "bicubic": cv2.INTER_CUBIC,
+    "bilinear": cv2.INTER_LINEAR,
+    "nearest": cv2.INTER_NEAREST,
+    "area": cv2.INTER_AREA,
+    "lanczos": cv2.INTER_LANCZOS4,
+}
+#: Eval crop modes (timm's ``crop_mode``): ``center`` resizes the shorter side then center-crops,
+#: ``squash`` resizes both sides to the same length (aspect not kept) then center-crops.
+CROP_MODES = ("center", "squash")
+
+
+def interpolation_flag(name: str) -> int:
+    """The OpenCV flag of an interpolation name (:data:`INTERPOLATIONS`).
+
+    Raises:
+        ValueError: an unknown name (the valid ones are listed).
+    """
+    if name not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {name!r}")
+    return INTERPOLATIONS[name]
 
 
 class CenterCropAspect(A.ImageOnlyTransform):
@@ -68,6 +90,7 @@ def train_transform(
     mean: Sequence[float],
     std: Sequence[float],
     scale: tuple[float, float] = (0.2, 1.0),
+    interpolation: str = "bicubic",
 ) -> A.Compose:
     """MAE pretraining augmentation: random resized crop + horizontal flip + normalize.
 
@@ -80,6 +103,7 @@ def train_transform(
         img_size: output side in pixels (square).
         mean, std: per-channel RGB statistics in [0, 1] units (pixel / 255).
         scale: range of the crop area as a fraction of the image area (aspect ratio 3/4..4/3).
+        interpolation: resampling filter of the crop's resize, a key of :data:`INTERPOLATIONS`.
 
     Any input size works, down to 1 x 1 and extreme aspect ratios such as 3 x 1000: when no crop
     with the sampled scale and ratio fits (10 tries), albumentations falls back to a center crop
@@ -90,7 +114,9 @@ def train_transform(
     """
     return A.Compose(
         [
-            A.RandomResizedCrop(size=(img_size, img_size), scale=tuple(scale), interpolation=cv2.INTER_CUBIC),
+            A.RandomResizedCrop(
+                size=(img_size, img_size), scale=tuple(scale), interpolation=interpolation_flag(interpolation)
+            ),
             A.HorizontalFlip(p=0.5),
             A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0),
             ToTensorV2(),
@@ -103,10 +129,13 @@ def eval_transform(
     mean: Sequence[float],
     std: Sequence[float],
     crop_pct: float = 1.0,
+    interpolation: str = "bicubic",
+    crop_mode: str = "center",
 ) -> A.Compose:
     """Deterministic evaluation pipeline: resize the shorter side, center-crop, normalize.
 
-    The shorter side is resized (bicubic) to ``round(img_size / crop_pct)`` then the center
+    The shorter side is resized (``interpolation``, bicubic by default) to ``round(img_size / crop_pct)``
+    (``crop_mode="squash"``: both sides, as timm's ``transforms_factory``) then the center
     ``img_size x img_size`` is kept. ``crop_pct=1.0`` only resizes (right for CIFAR at 32 px, where
     the native size equals the input size); ``0.875`` is the ImageNet convention (256 -> 224) that
     ``ImageDataModule`` uses when the native size differs from ``img_size``. Images more
@@ -118,19 +147,29 @@ def eval_transform(
         img_size: output side in pixels (square).
         mean, std: per-channel RGB statistics in [0, 1] units (pixel / 255).
         crop_pct: fraction of the resized shorter side kept by the center crop, in (0, 1].
+        interpolation: resampling filter of the resize, a key of :data:`INTERPOLATIONS`.
+        crop_mode: ``"center"`` or ``"squash"`` (:data:`CROP_MODES`).
 
     Returns:
         a pipeline ``f(image=(H, W, 3) uint8) -> {"image": (3, img_size, img_size) float32}``.
 
     Raises:
-        ValueError: ``crop_pct`` not in (0, 1].
+        ValueError: ``crop_pct`` not in (0, 1], an unknown ``interpolation`` or ``crop_mode``.
     """
     if not 0.0 < crop_pct <= 1.0:
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    if crop_mode not in CROP_MODES:
+        raise ValueError(f"crop_mode must be one of {', '.join(CROP_MODES)}, got {crop_mode!r}")
+    flag, scaled = interpolation_flag(interpolation), round(img_size / crop_pct)
+    resize = (
+        A.Resize(height=scaled, width=scaled, interpolation=flag)
+        if crop_mode == "squash"
+        else A.SmallestMaxSize(max_size=scaled, interpolation=flag)
+    )
     return A.Compose(
         [
             CenterCropAspect(MAX_EVAL_ASPECT),
-            A.SmallestMaxSize(max_size=round(img_size / crop_pct), interpolation=cv2.INTER_CUBIC),
+            resize,
             A.CenterCrop(height=img_size, width=img_size),
             A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0),
             ToTensorV2(),

@@ -1,7 +1,14 @@
 """Evaluation of learned encoders: online probes during pretraining; offline linear probe, kNN and
-fine-tuning of encoders loaded from exports, checkpoints or timm names."""
+fine-tuning of encoders loaded from exports, checkpoints, public pretrained timm weights or timm names."""
 
-from mim.eval.encoders import EncoderLoadError, load_encoder_from
+from mim.eval.encoders import (
+    PRETRAINED_PREFIX,
+    EncoderLoadError,
+    PretrainedWeightsUnavailableError,
+    adopt_preprocessing,
+    encoder_data_config,
+    load_encoder_from,
+)
 from mim.eval.features import pooled_features
 from mim.eval.finetune import FineTune
 from mim.eval.knn import knn_top1, weighted_knn_scores
@@ -16,6 +23,10 @@ __all__ = [
     "LinearProbe",
     "OnlineKNN",
     "OnlineLinearProbe",
+    "PRETRAINED_PREFIX",
+    "PretrainedWeightsUnavailableError",
+    "adopt_preprocessing",
+    "encoder_data_config",
     "knn_top1",
     "load_encoder_from",
     "pooled_features",

@@ -21,7 +21,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from mim.errors import ConfigError
-from mim.eval.encoders import load_encoder_from
+from mim.eval.encoders import adopt_preprocessing, load_encoder_from
 from mim.methods.base import NO_WEIGHT_DECAY, PretrainModule
 
 GlobalPool = Literal["token", "avg"]
@@ -85,8 +85,11 @@ class FineTune(PretrainModule):
 
     Args:
         encoder: what :func:`mim.eval.encoders.load_encoder_from` takes: an exported ``encoder.safetensors``
-            (or ``.json``), a ``mim`` pretraining ``.ckpt``, or ``"timm:<name>"`` (random init baseline).
-        model_kwargs: ``timm.create_model`` kwargs for ``"timm:"`` sources (files carry their own).
+            (or ``.json``), a ``mim`` pretraining ``.ckpt``, ``"pretrained:<name>.<tag>"`` (timm's public
+            weights; its preprocessing is adopted by the datamodule in :meth:`setup`) or ``"timm:<name>"``
+            (random init baseline).
+        model_kwargs: ``timm.create_model`` kwargs for ``"timm:"`` / ``"pretrained:"`` sources (files carry
+            their own).
         num_classes: classes of the head; ``None`` reads ``trainer.datamodule.num_classes``.
         drop_path_rate: stochastic depth of the last block, linear from 0 over the blocks (MAE ViT-B: 0.1).
         layer_decay: lr multiplier per layer from the head down, in ``(0, 1]`` (MAE ViT-B: 0.65, ViT-L: 0.75);
@@ -104,6 +107,7 @@ class FineTune(PretrainModule):
         global_pool: ViT features fed to the head: ``"token"`` (cls token) or ``"avg"`` (mean of patch tokens,
             then a fresh LayerNorm: MAE's default); ``None`` keeps the model's own (ViT: token; ConvNets:
             global average pooling, the only choice for them).
+        pretrained_file: the ``.safetensors`` weights of a ``"pretrained:"`` encoder (offline use).
 
     Training uses ``timm.data.Mixup`` and ``timm.loss.SoftTargetCrossEntropy`` (cross-entropy with
     ``label_smoothing`` when ``mixup == cutmix == 0``). Mixup pairs image ``i`` with ``B-1-i`` so needs an
@@ -137,6 +141,7 @@ class FineTune(PretrainModule):
         cutmix: float = 1.0,
         label_smoothing: float = 0.1,
         global_pool: GlobalPool | None = None,
+        pretrained_file: str | None = None,
     ) -> None:
         super().__init__(blr, lr, weight_decay, betas, warmup_epochs, min_lr)
         if not 0 < layer_decay <= 1:
@@ -155,6 +160,7 @@ class FineTune(PretrainModule):
             raise ConfigError(f"global_pool must be 'token', 'avg' or null, got {global_pool!r}.")
         self.save_hyperparameters()
         self.source, self.model_kwargs, self.num_classes = encoder, model_kwargs, num_classes
+        self.pretrained_file = pretrained_file
         self.drop_path_rate, self.layer_decay, self.global_pool = drop_path_rate, layer_decay, global_pool
         self.mixup_alpha, self.cutmix_alpha, self.label_smoothing = mixup, cutmix, label_smoothing
         self.mixup_fn: Mixup | None = None
@@ -180,7 +186,7 @@ class FineTune(PretrainModule):
     def build(self, num_classes: int) -> None:
         """Load the encoder from ``encoder`` with a fresh ``num_classes`` head and ``drop_path_rate``."""
         overrides: dict[str, Any] = {"num_classes": num_classes, "drop_path_rate": self.drop_path_rate}
-        model, info = load_encoder_from(self.source, self.model_kwargs, **overrides)
+        model, info = load_encoder_from(self.source, self.model_kwargs, self.pretrained_file, **overrides)
         if self.global_pool is not None and self.global_pool != getattr(model, "global_pool", None):
             if not isinstance(model, VisionTransformer):
                 raise ConfigError(
@@ -214,12 +220,22 @@ class FineTune(PretrainModule):
         )
 
     def setup(self, stage: str) -> None:
-        """Build the model (once; the dataset's class count when ``num_classes`` is unset), then check the
-        image size (:meth:`PretrainModule.setup`) and, when mixing, that the batch size is even."""
+        """Build the model (once; the dataset's class count when ``num_classes`` is unset), hand a
+        ``"pretrained:"`` encoder's preprocessing to the datamodule (:func:`~mim.eval.encoders.adopt_preprocessing`),
+        then check the image size (:meth:`PretrainModule.setup`) and, when mixing, that the batch size is even."""
         num_classes = self._head_classes()
         if not self.built:
             self.build(num_classes)
+        adopt_preprocessing(self._trainer, getattr(self, "encoder_info", {}))
         super().setup(stage)
+        model_size = getattr(getattr(self.encoder, "patch_embed", None), "img_size", None)
+        data_size = getattr(self.trainer.datamodule, "img_size", None)
+        fixed = model_size is not None and not getattr(self.encoder, "dynamic_img_size", False)
+        if fixed and data_size is not None and tuple(model_size) != (data_size, data_size):
+            raise ConfigError(
+                f"the data gives {data_size} px images but the encoder takes {tuple(model_size)}. Fix: "
+                f"--data.init_args.img_size {model_size[0]} (or model_kwargs img_size {data_size} for a ViT)."
+            )
         batch_size = getattr(self.trainer.datamodule, "batch_size", None)
         if self.mixup_fn is not None and stage == "fit" and batch_size is not None and batch_size % 2:
             raise ConfigError(

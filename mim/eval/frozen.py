@@ -8,7 +8,7 @@ import lightning as L
 import torch
 
 from mim.errors import ConfigError
-from mim.eval.encoders import load_encoder_from
+from mim.eval.encoders import adopt_preprocessing, load_encoder_from
 from mim.eval.features import Pool, pooled_features
 
 
@@ -19,22 +19,35 @@ class FrozenEncoderModule(L.LightningModule):
     trains the module: BatchNorm statistics stay put, drop path stays off), features computed
     without gradients (:func:`mim.eval.features.pooled_features`).
 
+    A ``"pretrained:"`` encoder brings its preprocessing: :meth:`setup` hands it to the datamodule
+    (:func:`mim.eval.encoders.adopt_preprocessing`) for the fields the user left unset.
+
     Args:
         encoder: what :func:`mim.eval.encoders.load_encoder_from` reads: ``<run>/encoder.safetensors``,
-            a ``mim`` ``.ckpt``, or ``"timm:<name>"`` (random init, the baseline).
-        model_kwargs: ``timm.create_model`` kwargs for ``"timm:"`` sources (``{img_size: 32, patch_size: 4}``).
+            a ``mim`` ``.ckpt``, ``"pretrained:<name>.<tag>"`` (timm's public weights) or ``"timm:<name>"``
+            (random init, the baseline).
+        model_kwargs: ``timm.create_model`` kwargs for ``"timm:"`` / ``"pretrained:"`` sources
+            (``{img_size: 32, patch_size: 4}``).
         pool: ``"cls"`` token or ``"mean"`` of the patch tokens; ConvNets are always global-average-pooled.
+        pretrained_file: a local ``.safetensors`` file with the weights of a ``"pretrained:"`` encoder
+            (offline use; nothing is downloaded).
 
     Raises:
         ConfigError: an unknown ``pool``, or ``pool="cls"`` on a ViT without class token.
         EncoderLoadError, FileNotFoundError: from ``load_encoder_from``.
     """
 
-    def __init__(self, encoder: str, model_kwargs: dict[str, Any] | None = None, pool: Pool = "cls") -> None:
+    def __init__(
+        self,
+        encoder: str,
+        model_kwargs: dict[str, Any] | None = None,
+        pool: Pool = "cls",
+        pretrained_file: str | None = None,
+    ) -> None:
         super().__init__()
         if pool not in ("cls", "mean"):
             raise ConfigError(f"pool must be 'cls' or 'mean', got {pool!r}.")
-        self.encoder, self.encoder_info = load_encoder_from(encoder, model_kwargs)
+        self.encoder, self.encoder_info = load_encoder_from(encoder, model_kwargs, pretrained_file)
         self.encoder.requires_grad_(False).eval()
         if pool == "cls" and getattr(self.encoder, "num_prefix_tokens", None) == 0:
             raise ConfigError(
@@ -43,6 +56,11 @@ class FrozenEncoderModule(L.LightningModule):
             )
         self.pool: Pool = pool
         self._check_labels = True
+
+    def setup(self, stage: str) -> None:
+        """Hand a ``"pretrained:"`` encoder's preprocessing to the datamodule (before its dataloaders exist:
+        Lightning runs ``datamodule.setup``, then this, then builds the loaders)."""
+        adopt_preprocessing(self._trainer, self.encoder_info)
 
     def train(self, mode: bool = True) -> FrozenEncoderModule:
         """Set train mode on everything but the encoder, which stays in eval mode."""

@@ -33,6 +33,10 @@ class KNNEval(FrozenEncoderModule):
         k: neighbours per query (DINO: 20).
         temperature: ``T`` of the vote weights ``exp(cos / T)`` (DINO: 0.07).
         num_classes: classes; None: ``trainer.datamodule.num_classes``.
+        pretrained_file: the ``.safetensors`` weights of a ``pretrained:`` encoder (offline use).
+
+    A ``pretrained:<name>.<tag>`` encoder's preprocessing is adopted by the datamodule in :meth:`setup`,
+    so the bank (built later) and the queries both use it.
 
     Logs ``knn/top1`` and ``knn/top5``, accuracies in [0, 1] over the val split (labels ``< 0`` ignored).
 
@@ -49,8 +53,9 @@ class KNNEval(FrozenEncoderModule):
         k: int = 20,
         temperature: float = 0.07,
         num_classes: int | None = None,
+        pretrained_file: str | None = None,
     ) -> None:
-        super().__init__(encoder, model_kwargs, pool)
+        super().__init__(encoder, model_kwargs, pool, pretrained_file)
         if k < 1 or temperature <= 0:
             raise ConfigError(f"k must be >= 1 and temperature > 0, got k={k}, temperature={temperature}.")
         self.save_hyperparameters()
@@ -59,6 +64,7 @@ class KNNEval(FrozenEncoderModule):
         self.bank_labels: torch.Tensor | None = None
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)  # a pretrained encoder's preprocessing, before the image-size check
         self.num_classes = self.resolve_num_classes(self.num_classes)
         self.top1 = MulticlassAccuracy(self.num_classes, top_k=1, average="micro", ignore_index=-1)
         top_k = min(5, self.num_classes)

@@ -74,7 +74,8 @@ class LinearProbe(FrozenEncoderModule):
     """Linear classifier on frozen encoder features, trained with ``mim fit`` (MAE Appendix A.2).
 
     Args:
-        encoder, model_kwargs, pool: the frozen encoder and its pooling (:class:`FrozenEncoderModule`).
+        encoder, model_kwargs, pool: the frozen encoder and its pooling (:class:`FrozenEncoderModule`);
+            ``pretrained:<name>.<tag>`` sources bring their preprocessing (adopted in :meth:`setup`).
         num_classes: classes of the head; None: ``trainer.datamodule.num_classes``.
         optimizer: ``"lars"`` (``timm.optim.Lars``, trust coefficient 0.001, adapting only the weight
             matrix as MAE's ``util/lars.py``) or ``"sgd"``; both with momentum 0.9.
@@ -87,6 +88,7 @@ class LinearProbe(FrozenEncoderModule):
             image index: needs the datamodule's ``return_index: true``), so many epochs cost one encoder
             pass (images are still loaded each epoch). The features of the first epoch are reused, so
             train augmentation would be frozen too: use ``train_augment: false``.
+        pretrained_file: the ``.safetensors`` weights of a ``pretrained:`` encoder (offline use).
 
     Batches: ``(imgs, labels)`` or ``(imgs, labels, indices)``, ``imgs`` ``(B, 3, H, W)`` float,
     ``labels`` ``(B,)`` int64. Logs ``train/loss``, ``train/top1``, ``val/loss``, ``val/top1`` and
@@ -109,8 +111,9 @@ class LinearProbe(FrozenEncoderModule):
         weight_decay: float = 0.0,
         warmup_epochs: float = 10.0,
         cache_features: bool = False,
+        pretrained_file: str | None = None,
     ) -> None:
-        super().__init__(encoder, model_kwargs, pool)
+        super().__init__(encoder, model_kwargs, pool, pretrained_file)
         if optimizer not in ("sgd", "lars"):
             raise ConfigError(f"optimizer must be 'sgd' or 'lars', got {optimizer!r}.")
         if blr < 0 or (lr is not None and lr < 0) or weight_decay < 0 or warmup_epochs < 0:
@@ -139,6 +142,7 @@ class LinearProbe(FrozenEncoderModule):
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)  # a pretrained encoder's preprocessing, before the image-size check
         num_classes = self.resolve_num_classes(self.num_classes)
         if self.head is None:
             self._build_head(num_classes)

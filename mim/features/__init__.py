@@ -1,5 +1,5 @@
-"""Frozen features on disk: extraction with ``mim predict`` into a feature store, and
-memory-mapped, shuffled reading of it (for probes and sparse autoencoders)."""
+"""Frozen features on disk: extraction with ``mim predict`` into feature stores (one per extracted layer),
+and memory-mapped, shuffled reading of them (for probes and sparse autoencoders)."""
 
 from mim.features.extract import FeatureExtractor, FeatureStoreWriter
 from mim.features.store import (
@@ -7,6 +7,7 @@ from mim.features.store import (
     FeatureStore,
     FeatureStoreError,
     FeatureStoreMismatchError,
+    layer_folder,
 )
 
 __all__ = [
@@ -16,4 +17,5 @@ __all__ = [
     "FeatureStoreError",
     "FeatureStoreMismatchError",
     "FeatureStoreWriter",
+    "layer_folder",
 ]

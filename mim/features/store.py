@@ -7,9 +7,21 @@ Layout of a store folder::
     rank0-00001.safetensors
     rank1-00000.safetensors       under DDP every rank writes its own shards
 
-Every shard holds one tensor per token kind (``cls`` (n, d), ``mean`` (n, d), ``patch`` (n, L, d), all of
-the store's ``dtype``) plus ``labels`` (n,) int64 and ``indices`` (n,) int64, the image's index in its
-split. Shards are written to a temporary name in the folder and renamed (``os.replace``).
+Every shard holds one tensor per token kind, all of the store's ``dtype``: ``cls`` (n, d), ``register``
+(n, R, d) (the R register tokens of a ViT with registers, Darcet et al. 2024, arXiv 2309.16588),
+``pooled`` (n, d) (the model's own pooled pre-logits output), ``mean`` (n, d) (mean of the patch tokens) and
+``patch`` (n, L, d) (L = h x w positions of the patch grid or of a ConvNet stage map), plus ``labels`` (n,)
+int64 and ``indices`` (n,) int64, the image's index in its split. A store extracted with a high-norm filter
+also holds ``high_norm`` (n, L) bool: the patch tokens flagged as high-norm artefacts (see
+:class:`mim.features.FeatureExtractor`); ``metadata.json`` counts them (``high_norm_tokens``). Shards are
+written to a temporary name in the folder and renamed (``os.replace``).
+
+One store holds one layer. An extraction of several layers writes one complete store per layer into
+``<path>/layer_<L>/`` (:func:`layer_folder`); with one layer the store is ``<path>`` itself.
+
+Dtype: the store keeps the dtype it was written in (float32, float16 or bfloat16); :meth:`FeatureStore.read`
+and :meth:`FeatureStore.batches` return it as stored (half the bytes to move for a 16-bit store) unless
+asked for another ``dtype``; the SAE data module (:mod:`mim.sae.data`) converts every batch to float32.
 
 Row order: a 1-process store reads back in the order it was written (``"order": "written"``). A DDP
 store's ranks each hold an interleaved part of the dataset (Lightning's distributed sampler gives rank
@@ -25,6 +37,8 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -39,14 +53,24 @@ FORMAT = "mim-feature-store"
 FORMAT_VERSION = 1
 METADATA = "metadata.json"
 #: Token kinds a store can hold, in their canonical order.
-TOKEN_KINDS = ("cls", "mean", "patch")
+TOKEN_KINDS = ("cls", "register", "pooled", "mean", "patch")
+#: Token kinds with several tokens per image, (n, T, d): ``flatten`` makes one row per token.
+MULTI_TOKEN_KINDS = ("register", "patch")
+#: Shard tensor of the per-token high-norm flags, (n, L) bool, next to ``patch``.
+HIGH_NORM = "high_norm"
 #: Metadata fields that must match for a store to be reused: everything except what the run itself
 #: produces (``count``, ``shards``, ``world_size``, ``order``) or what follows from these fields
 #: (``d_model``, ``patch_grid``, ``num_layers``), and the informational ``encoder_source`` (the same
-#: weights under another path are the same encoder: ``encoder.weights_sha256`` decides).
+#: weights under another path are the same encoder: ``encoder.weights_sha256`` decides). ``preprocessing``
+#: (the datamodule's effective resize / crop / normalisation) and ``high_norm_factor`` change the stored
+#: features, so they count.
 IDENTITY_KEYS = (
     "format_version", "encoder", "layer", "tokens", "dtype", "img_size", "dataset", "split", "data", "shard_size",
+    "high_norm_factor", "preprocessing",
 )
+#: Identity fields that stores written by an older mim lack: compared only when the store has them (before
+#: encoders could bring their preprocessing, ``img_size`` and ``data`` fixed it; no high-norm filter existed).
+LATER_IDENTITY_KEYS = ("high_norm_factor", "preprocessing")
 OVERWRITE_HINT = (
     "Fix: extract into another folder (--trainer.callbacks.init_args.path DIR), or replace this store with "
     "overwrite=True (--trainer.callbacks.init_args.overwrite true)."
@@ -70,6 +94,12 @@ class FeatureBatch(NamedTuple):
     features: torch.Tensor
     labels: torch.Tensor
     indices: torch.Tensor
+
+
+def layer_folder(path: str | os.PathLike, layer: int, several: bool) -> Path:
+    """The store folder of ``layer`` in an extraction into ``path``: ``<path>/layer_<layer>`` when the run
+    extracts ``several`` layers, else ``path`` itself."""
+    return Path(path) / f"layer_{layer}" if several else Path(path)
 
 
 def shard_name(rank: int, number: int) -> str:
@@ -108,9 +138,12 @@ def as_json(value: Any) -> Any:
 
 
 def identity_diff(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
-    """The :data:`IDENTITY_KEYS` fields (one level of nesting) that differ, as ``"field: store X, this run Y"``."""
+    """The :data:`IDENTITY_KEYS` fields (one level of nesting) that differ, as ``"field: store X, this run Y"``
+    (:data:`LATER_IDENTITY_KEYS` only when the stored metadata has them)."""
     diffs = []
     for key in IDENTITY_KEYS:
+        if key in LATER_IDENTITY_KEYS and key not in stored:
+            continue
         old, new = as_json(stored.get(key)), as_json(wanted.get(key))
         if isinstance(old, dict) and isinstance(new, dict):
             diffs += [
@@ -174,6 +207,10 @@ def _cat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 class ShardWriter:
     """Buffers one rank's rows and writes them as shards of exactly ``shard_size`` rows.
 
+    Shard files are written by one background thread (atomically: temporary name, then rename), so the disk
+    write of one shard overlaps the encoding of the next batches; at most two shards are in memory. An error
+    of a write is raised by the next :meth:`add` or by :meth:`close`, which waits for every write.
+
     Args:
         folder: the store folder (created).
         rank: this process's global rank (names the shards).
@@ -192,6 +229,8 @@ class ShardWriter:
         self._pending: list[dict[str, torch.Tensor]] = []
         self._rows = 0
         self._last_index: int | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mim-shard-writer")
+        self._writing: Future | None = None
 
     def add(self, rows: Mapping[str, torch.Tensor]) -> None:
         """Buffer ``rows`` (``labels``, ``indices`` and token tensors, all with the same first dim) and write
@@ -219,31 +258,53 @@ class ShardWriter:
         while self._rows >= self.shard_size:
             self._write(self.shard_size)
 
+    def _wait(self) -> None:
+        """Wait for the shard being written (re-raising its error)."""
+        if self._writing is not None:
+            writing, self._writing = self._writing, None
+            writing.result()
+
     def _write(self, n: int) -> None:
         rows = _cat(self._pending)
         shard = {k: v[:n].contiguous() for k, v in rows.items()}
         rest = {k: v[n:].clone() for k, v in rows.items()}
         name = shard_name(self.rank, len(self.shards))
-        atomic_write(self.folder / name, lambda tmp: save_file(shard, tmp, metadata={"format": "pt"}))
+        self._wait()  # one shard in flight: memory stays bounded, errors surface at the next shard
+        self._writing = self._pool.submit(
+            atomic_write, self.folder / name, lambda tmp: save_file(shard, tmp, metadata={"format": "pt"})
+        )
         self.shards.append({"file": name, "rows": n, "rank": self.rank})
         self._rows -= n
         self._pending = [rest] if self._rows else []
 
     def close(self) -> list[dict[str, Any]]:
-        """Write the last (smaller) shard; returns this rank's shards ``[{"file", "rows", "rank"}, ...]``."""
-        if self._rows:
-            self._write(self._rows)
+        """Write the last (smaller) shard and wait for every write; returns this rank's shards
+        ``[{"file", "rows", "rank"}, ...]``.
+
+        Raises:
+            OSError: a shard could not be written (disk full, folder removed).
+        """
+        try:
+            if self._rows:
+                self._write(self._rows)
+            self._wait()
+        finally:
+            self._pool.shutdown(wait=True)
         return list(self.shards)
 
 
-def _flatten(batch: FeatureBatch) -> FeatureBatch:
-    """``(n, L, d)`` patch rows -> ``(n * L, d)`` token rows, labels and indices repeated per token."""
+def _flatten(batch: FeatureBatch, keep: torch.Tensor | None = None) -> FeatureBatch:
+    """``(n, T, d)`` rows -> ``(n * T, d)`` token rows, labels and indices repeated per token; with ``keep``
+    ((n, T) bool) only the kept tokens, in the same order."""
     n, tokens = batch.features.shape[:2]
-    return FeatureBatch(
+    flat = FeatureBatch(
         batch.features.reshape(n * tokens, -1),
         batch.labels.repeat_interleave(tokens),
         batch.indices.repeat_interleave(tokens),
     )
+    if keep is None or bool(keep.all()):
+        return flat
+    return _take(flat, keep.reshape(-1).nonzero().squeeze(1))
 
 
 def _concat(parts: list[FeatureBatch]) -> FeatureBatch:
@@ -368,6 +429,38 @@ class FeatureStore:
         """Token kinds the store holds (subset of :data:`TOKEN_KINDS`)."""
         return list(self.metadata["tokens"])
 
+    @property
+    def high_norm_tokens(self) -> int | None:
+        """Patch tokens flagged by the extraction's high-norm filter (all images), or ``None`` when the store
+        was extracted without it."""
+        count = self.metadata.get("high_norm_tokens")
+        return None if count is None else int(count)
+
+    def tokens_per_image(self, tokens: str) -> int:
+        """Tokens of kind ``tokens`` per image: ``h x w`` for patch, ``R`` for register, 1 otherwise."""
+        if tokens == "patch":
+            grid = self.metadata.get("patch_grid") or (0, 0)
+            return int(grid[0]) * int(grid[1])
+        if tokens == "register":
+            return int(self.metadata.get("num_registers") or 0)
+        return 1
+
+    def read_high_norm(self) -> torch.Tensor:
+        """The high-norm flags of every patch token, (N, L) bool in store order (``True``: flagged).
+
+        Raises:
+            FeatureStoreError: a store extracted without the high-norm filter.
+        """
+        if self.high_norm_tokens is None:
+            raise FeatureStoreError(
+                f"Feature store {self.path} was extracted without the high-norm filter, so it has no flags. Fix: "
+                "re-extract with --model.init_args.high_norm_factor (e.g. 4.0)."
+            )
+        parts = list(self._ordered_chunks(HIGH_NORM))
+        if not parts:
+            return torch.zeros(0, self.tokens_per_image("patch"), dtype=torch.bool)
+        return _concat(parts).features
+
     def _check_tokens(self, tokens: str) -> None:
         if tokens not in self.metadata["tokens"]:
             raise FeatureStoreError(
@@ -375,12 +468,18 @@ class FeatureStore:
                 "Fix: ask for one of those, or re-extract with --model.init_args.tokens including it."
             )
 
-    def _load(self, shard: Mapping[str, Any], tokens: str, check_finite: bool = False) -> FeatureBatch:
+    def _load(
+        self, shard: Mapping[str, Any], tokens: str, check_finite: bool = False, flatten: bool = False,
+        skip_high_norm: bool = False,
+    ) -> FeatureBatch:
+        """One shard's rows of ``tokens``; with ``flatten`` one row per token, without the flagged high-norm
+        patch tokens when ``skip_high_norm`` (and the store has flags)."""
         with safe_open(self.path / shard["file"], framework="pt") as f:
             batch = FeatureBatch(f.get_tensor(tokens), f.get_tensor("labels"), f.get_tensor("indices"))
+            flagged = f.get_tensor(HIGH_NORM) if skip_high_norm and HIGH_NORM in set(f.keys()) else None
         if check_finite and not bool(torch.isfinite(batch.features).all()):  # one pass; locate only on failure
             raise self._non_finite_error(shard["file"], batch)
-        return batch
+        return _flatten(batch, None if flagged is None else ~flagged) if flatten else batch
 
     def _non_finite_error(self, file: str, batch: FeatureBatch) -> FeatureStoreError:
         """The error for a shard with NaN / Inf features, naming the first bad row (and patch token)."""
@@ -399,12 +498,17 @@ class FeatureStore:
             "--trainer.precision 32-true and --model.init_args.dtype float32)."
         )
 
-    def _ordered_chunks(self, tokens: str, check_finite: bool = False) -> Iterator[FeatureBatch]:
-        """Shards in store order, one loaded at a time per rank; a DDP store's rank streams merged by index."""
+    def _ordered_chunks(
+        self, tokens: str, check_finite: bool = False, flatten: bool = False, skip_high_norm: bool = False
+    ) -> Iterator[FeatureBatch]:
+        """Shards in store order, one loaded at a time per rank; a DDP store's rank streams merged by index
+        (flattened rows repeat an image's index, so the merge sorts stably: an image's tokens keep their order)."""
         ranks = sorted({s["rank"] for s in self.metadata["shards"]})
         streams = [iter([s for s in self.metadata["shards"] if s["rank"] == r]) for r in ranks]
+        load = partial(self._load, tokens=tokens, check_finite=check_finite, flatten=flatten,
+                       skip_high_norm=skip_high_norm)
         if len(streams) == 1:
-            yield from (self._load(s, tokens, check_finite) for s in streams[0])
+            yield from (load(s) for s in streams[0])
             return
         heads: dict[int, FeatureBatch] = {}
         while True:
@@ -414,7 +518,7 @@ class FeatureStore:
                     if shard is None:
                         streams[r] = stream = None
                     elif shard["rows"]:
-                        heads[r] = self._load(shard, tokens, check_finite)
+                        heads[r] = load(shard)
             if not heads:
                 return
             # rows up to the smallest "last index" of the buffers: no later shard can hold a smaller index
@@ -428,17 +532,20 @@ class FeatureStore:
                 else:
                     heads[r] = _take(b, slice(cut, None))
             rows = _concat(parts)
-            yield _take(rows, torch.argsort(rows.indices))
+            yield _take(rows, torch.argsort(rows.indices, stable=True))
 
-    def read(self, tokens: str = "cls", check_finite: bool = False) -> FeatureBatch:
+    def read(self, tokens: str = "cls", check_finite: bool = False, dtype: torch.dtype | None = None) -> FeatureBatch:
         """The whole store for one token kind, in store order (for small stores and tests: loads everything).
 
         Args:
-            tokens: ``"cls"``, ``"mean"`` or ``"patch"``.
+            tokens: one of :data:`TOKEN_KINDS` the store holds.
             check_finite: check every loaded shard for NaN / Inf features (one ``isfinite`` pass per shard).
+            dtype: convert the features to this dtype (e.g. ``torch.float32`` for a 16-bit store); None: as stored.
 
         Returns:
-            ``features`` (N, d) for cls / mean, (N, L, d) for patch; ``labels``, ``indices`` (N,) int64.
+            ``features`` (N, d) for cls / pooled / mean, (N, R, d) for register, (N, L, d) for patch, in the
+            store's dtype (or ``dtype``); ``labels``, ``indices`` (N,) int64. Flagged high-norm tokens are
+            included (see :meth:`read_high_norm`).
 
         Raises:
             FeatureStoreError: a token kind the store lacks; with ``check_finite``, NaN / Inf features (the
@@ -447,12 +554,13 @@ class FeatureStore:
         self._check_tokens(tokens)
         parts = list(self._ordered_chunks(tokens, check_finite))
         if not parts:  # a store of 0 images
-            grid = self.metadata.get("patch_grid") or (0, 0)
-            shape = (0, grid[0] * grid[1], self.d_model) if tokens == "patch" else (0, self.d_model)
-            dtype = getattr(torch, self.metadata["dtype"])
+            per_image = self.tokens_per_image(tokens)
+            shape = (0, per_image, self.d_model) if tokens in MULTI_TOKEN_KINDS else (0, self.d_model)
             empty = torch.empty(0, dtype=torch.long)
-            return FeatureBatch(torch.empty(shape, dtype=dtype), empty, empty.clone())
-        return _concat(parts)
+            features = torch.empty(shape, dtype=dtype or getattr(torch, self.metadata["dtype"]))
+            return FeatureBatch(features, empty, empty.clone())
+        batch = _concat(parts)
+        return batch if dtype is None else batch._replace(features=batch.features.to(dtype))
 
     def batches(
         self,
@@ -467,6 +575,8 @@ class FeatureStore:
         offset: int = 0,
         stride: int = 1,
         max_batches: int | None = None,
+        skip_high_norm: bool = False,
+        dtype: torch.dtype | None = None,
     ) -> Iterator[FeatureBatch]:
         """Stream batches without loading the whole store.
 
@@ -476,23 +586,26 @@ class FeatureStore:
 
         Args:
             batch_size: rows per batch; with ``flatten``, tokens per batch.
-            tokens: ``"cls"``, ``"mean"`` or ``"patch"``.
+            tokens: one of :data:`TOKEN_KINDS` the store holds.
             shuffle: shuffle as above; ``seed`` seeds it (pass the epoch for a new order each epoch).
             buffer_shards: shards per shuffle buffer (>= 1).
-            flatten: patch tokens as one row per token, ``(batch_size, d)`` (what an SAE trains on),
-                labels and indices repeated per token.
+            flatten: patch (or register) tokens as one row per token, ``(batch_size, d)`` (what an SAE trains
+                on), labels and indices repeated per token.
             drop_last: drop the last incomplete batch.
             check_finite: check every loaded shard for NaN / Inf features (one ``isfinite`` pass per shard).
             offset, stride, max_batches: yield only batches ``offset, offset + stride, ...`` among the first
                 ``max_batches`` (None: all) of the stream, i.e. ``itertools.islice(stream, offset, max_batches,
                 stride)``, but gathering only the rows of those batches (one part of a stream split across DDP
                 ranks or dataloader workers).
+            skip_high_norm: with ``flatten`` and patch tokens of a store extracted with the high-norm filter,
+                leave out the flagged tokens (the stream then has ``count x L - high_norm_tokens`` rows).
+            dtype: convert the features to this dtype (e.g. ``torch.float32``); None: the store's dtype.
 
         Yields:
             :class:`FeatureBatch` (features, labels, indices); tensors may be views of a shared buffer.
 
         Raises:
-            FeatureStoreError: a token kind the store lacks, ``flatten`` without patch tokens, a non-positive
+            FeatureStoreError: a token kind the store lacks, ``flatten`` without patch / register tokens, a non-positive
                 ``batch_size`` / ``buffer_shards`` / ``stride``, ``offset < 0``; with
                 ``check_finite``, NaN / Inf features (when their shard is loaded; see :meth:`read`).
         """
@@ -501,32 +614,39 @@ class FeatureStore:
             raise FeatureStoreError(f"batch_size and buffer_shards must be >= 1, got {batch_size}, {buffer_shards}.")
         if offset < 0 or stride < 1:
             raise FeatureStoreError(f"Need offset >= 0 and stride >= 1, got offset {offset}, stride {stride}.")
-        if flatten and tokens != "patch":
-            raise FeatureStoreError(f"flatten=True is for patch tokens, not {tokens!r}. Fix: drop flatten.")
+        if flatten and tokens not in MULTI_TOKEN_KINDS:
+            raise FeatureStoreError(
+                f"flatten=True is for patch tokens (or register tokens), not {tokens!r}. Fix: drop flatten."
+            )
+        skip = skip_high_norm and flatten and tokens == "patch"
         pieces: Iterable[tuple[FeatureBatch, torch.Tensor | None]]
         if shuffle:
-            pieces = self._shuffled_chunks(tokens, seed, buffer_shards, flatten, check_finite)
+            pieces = self._shuffled_chunks(tokens, seed, buffer_shards, flatten, check_finite, skip)
         else:
-            pieces = ((_flatten(c) if flatten else c, None) for c in self._ordered_chunks(tokens, check_finite))
+            pieces = ((c, None) for c in self._ordered_chunks(tokens, check_finite, flatten, skip))
         stop = batch_size * max_batches if max_batches is not None else float("inf")
-        return _rebatch(_select(pieces, batch_size, offset, stride, stop), batch_size, drop_last)
+        stream = _rebatch(_select(pieces, batch_size, offset, stride, stop), batch_size, drop_last)
+        return stream if dtype is None else (b._replace(features=b.features.to(dtype)) for b in stream)
 
     def _shuffled_chunks(
-        self, tokens: str, seed: int, buffer_shards: int, flatten: bool, check_finite: bool
+        self, tokens: str, seed: int, buffer_shards: int, flatten: bool, check_finite: bool, skip_high_norm: bool
     ) -> Iterator[tuple[FeatureBatch, torch.Tensor]]:
         """``(buffer, row permutation)`` per shuffle buffer; the permutation is applied by :func:`_select`."""
         generator = torch.Generator().manual_seed(seed)
         shards = self.metadata["shards"]
         order = torch.randperm(len(shards), generator=generator).tolist()
         for start in range(0, len(order), buffer_shards):
-            loaded = [self._load(shards[i], tokens, check_finite) for i in order[start : start + buffer_shards]]
-            buffer = _concat(loaded)
-            buffer = _flatten(buffer) if flatten else buffer
+            buffer = _concat([
+                self._load(shards[i], tokens, check_finite, flatten, skip_high_norm)
+                for i in order[start : start + buffer_shards]
+            ])
             yield buffer, torch.randperm(len(buffer.labels), generator=generator)
 
 
 __all__ = [
+    "HIGH_NORM",
     "IDENTITY_KEYS",
+    "MULTI_TOKEN_KINDS",
     "TOKEN_KINDS",
     "FeatureBatch",
     "FeatureStore",
@@ -535,6 +655,7 @@ __all__ = [
     "ShardWriter",
     "check_existing",
     "clear_store",
+    "layer_folder",
     "read_metadata",
     "shard_name",
     "write_metadata",

@@ -15,8 +15,11 @@ from mim.masking.base import MaskGenerator, num_masked
 
 # BEiT's reference grid: min_num_patches=16 was chosen for 224 px images with 16 px patches.
 _BEIT_GRID_AREA = 14 * 14
-# The official generator gives up after 10 rejected block proposals in a row.
+# One round of the official ``_mask``: 10 block proposals; with ``random_fill`` a failed round ends the sample.
 _MAX_FAILED_ATTEMPTS = 10
+# Safety net of the retry loop (a grid at least 2x2 always admits an accepted block; the expected number of
+# rejections in a row is small): this many rejections in a row raise instead of spinning forever.
+_MAX_RETRIES = 1_000_000
 
 
 def min_block_area(min_num_patches: int, num_patches: int) -> int:
@@ -37,10 +40,14 @@ class BlockMask(MaskGenerator):
     to mask; ``s_min`` from :func:`min_block_area`), aspect ratio ``r`` log-uniform in
     ``[min_aspect, max_aspect]``, sides ``round(sqrt(s*r))`` x ``round(sqrt(s/r))`` (each at least 1
     and strictly smaller than the grid side) at a uniform position. A block is accepted when it
-    adds between 1 and ``remaining`` new patches, so the count never overshoots. After 10 rejected
-    proposals in a row the sample stalls, and the shortfall is filled with uniformly random
-    unmasked patches, as CAE's official generator does ("maintain a fix number"): every row has
-    exactly the target count.
+    adds between 1 and ``remaining`` new patches, so the count never overshoots. Rejected proposals
+    are retried until exactly the target count is masked, as CAE's official generator does
+    (``Atten4Vis/CAE``, ``furnace/masking_generator.py``: ``while mask_count != num_masking_patches``,
+    rounds of 10 proposals). BEiT's own generator (``microsoft/unilm``, ``beit/masking_generator.py``)
+    instead stops at the first round of 10 rejected proposals (``if delta == 0: break``) and may
+    mask fewer patches; the package contract needs the exact count, so that is not offered.
+    ``random_fill=True`` (not official) stops a sample after 10 rejected proposals in a row and masks
+    the shortfall with uniformly random unmasked patches (single patches, not blocks).
 
     Each mask is a Python int with one bit per patch (a block is a precomputed bit pattern
     shifted into place, ``int.bit_count`` counts new patches): cheaper on CPU than batched tensor
@@ -55,13 +62,18 @@ class BlockMask(MaskGenerator):
             by :func:`min_block_area`.
         min_aspect: smallest aspect ratio ``r`` (BEiT: 0.3).
         max_aspect: largest aspect ratio; ``None`` means ``1 / min_aspect`` (BEiT: 1/0.3).
+        random_fill: fill a stalled sample with random single patches instead of retrying blocks
+            (default ``False``: retry, the official behaviour).
 
     Call: ``gen(batch_size, grid_hw, generator=None) -> (B, h*w) bool``, ``True`` = masked,
     row-major, on ``generator``'s device (CPU when ``None``).
 
     Raises:
         ConfigError: ``mask_ratio`` outside (0, 1), ``min_num_patches < 1``, ``min_aspect <= 0`` or
-            ``max_aspect < min_aspect``.
+            ``max_aspect < min_aspect``; at call time, a grid with a side below 2 (no block fits; with
+            ``random_fill`` such a grid gets uniformly random patches).
+        RuntimeError: (retry mode) 1,000,000 rejected proposals in a row, which a valid grid does not reach
+            in practice.
     """
 
     def __init__(
@@ -70,6 +82,7 @@ class BlockMask(MaskGenerator):
         min_num_patches: int = 16,
         min_aspect: float = 0.3,
         max_aspect: float | None = None,
+        random_fill: bool = False,
     ) -> None:
         super().__init__(mask_ratio)
         if int(min_num_patches) < 1:
@@ -87,11 +100,17 @@ class BlockMask(MaskGenerator):
             )
         self.min_num_patches = int(min_num_patches)
         self.min_aspect, self.max_aspect = float(min_aspect), float(max_aspect)
+        self.random_fill = bool(random_fill)
 
     def __call__(
         self, batch_size: int, grid_hw: tuple[int, int], generator: torch.Generator | None = None
     ) -> torch.Tensor:
         h, w = int(grid_hw[0]), int(grid_hw[1])
+        if (h < 2 or w < 2) and not self.random_fill:
+            raise ConfigError(
+                f"BlockMask needs a patch grid of at least 2x2 (a block is smaller than the grid), got {h}x{w}. "
+                "Fix: a smaller patch size, random_fill: true, or mask: {class_path: mim.masking.RandomMask}."
+            )
         device = generator.device if generator is not None else torch.device("cpu")
         seed = int(torch.randint(2**62, (1,), generator=generator, device=device))
         rng = random.Random(seed)
@@ -106,7 +125,8 @@ class BlockMask(MaskGenerator):
         min_area = min_block_area(self.min_num_patches, length)
         log_lo, log_hi = math.log(self.min_aspect), math.log(self.max_aspect)
         mask, failures = 0, 0
-        while remaining > 0 and failures < _MAX_FAILED_ATTEMPTS:
+        limit = _MAX_FAILED_ATTEMPTS if self.random_fill else _MAX_RETRIES
+        while remaining > 0 and failures < limit:
             # area ~ U(min_area, remaining), either order, as random.uniform does in BEiT's code.
             area = min_area + (remaining - min_area) * rng.random()
             aspect = math.exp(log_lo + (log_hi - log_lo) * rng.random())
@@ -120,7 +140,12 @@ class BlockMask(MaskGenerator):
                     mask, remaining, failures = mask | new, remaining - count, 0
                     continue
             failures += 1
-        if remaining > 0:  # stalled: fill with uniformly random unmasked patches (CAE)
+        if remaining > 0 and not self.random_fill:
+            raise RuntimeError(
+                f"BlockMask found no block for the last {remaining} patches in {limit} proposals on a {h}x{w} grid. "
+                "Fix: lower min_num_patches, or pass random_fill: true."
+            )
+        if remaining > 0:  # stalled (random_fill): uniformly random unmasked patches
             free = [i for i in range(length) if not mask >> i & 1]
             for i in rng.sample(free, remaining):
                 mask |= 1 << i
@@ -129,7 +154,7 @@ class BlockMask(MaskGenerator):
     def __repr__(self) -> str:
         return (
             f"BlockMask(mask_ratio={self.mask_ratio}, min_num_patches={self.min_num_patches}, "
-            f"min_aspect={self.min_aspect}, max_aspect={self.max_aspect})"
+            f"min_aspect={self.min_aspect}, max_aspect={self.max_aspect}, random_fill={self.random_fill})"
         )
 
 

@@ -8,7 +8,9 @@ AutoEncoders", ECCV 2024, arXiv 2407.13036, Sec. 3 (mask generation); official c
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from mim.errors import ConfigError
@@ -63,6 +65,31 @@ def make_noise_bank(
     return noise / noise.std(dim=(1, 2), keepdim=True).clamp_min(1e-12)
 
 
+def load_noise_bank(path: str) -> torch.Tensor:
+    """ColorMAE's precomputed noise bank: the first array of the ``.npz`` at ``path`` (as the official
+    ``ColorMasking.change_color_pattern`` reads it), as a ``(N, S, S')`` float32 CPU tensor.
+
+    Raises:
+        ConfigError: no such file, not a readable ``.npz``, or its first array is not a 3-D real array.
+    """
+    if not Path(path).is_file():
+        raise ConfigError(
+            f"ColorNoiseMask bank_file {path} does not exist. Fix: download the official bank (e.g. "
+            "green_noise_data_3072.npz, linked from github.com/carlosh93/ColorMAE) or leave bank_file unset."
+        )
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            array = np.asarray(archive[archive.files[0]])
+    except Exception as err:  # noqa: BLE001  (zip / format errors of many kinds)
+        raise ConfigError(f"ColorNoiseMask cannot read bank_file {path} as an .npz archive: {err}") from err
+    if array.ndim != 3 or not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array) or 0 in array.shape:
+        raise ConfigError(
+            f"ColorNoiseMask bank_file {path}: the first array must be real with shape (N, S, S'), got "
+            f"{array.dtype} {array.shape}. Fix: use the official ColorMAE .npz banks."
+        )
+    return torch.from_numpy(array.astype(np.float32))
+
+
 class ColorNoiseMask(MaskGenerator):
     """Mask the lowest values of a random crop of a colour-noise map (ColorMAE).
 
@@ -74,8 +101,8 @@ class ColorNoiseMask(MaskGenerator):
 
     Differences from the official code, on purpose:
 
-    - the bank is generated here from ``seed`` (deterministic, no download) instead of loading the
-      authors' precomputed ``.npz`` banks;
+    - by default the bank is generated here from ``seed`` (deterministic, no download); the authors'
+      precomputed banks are used with ``bank_file`` (see below);
     - every sample draws its own bank entry, crop and flips from ``generator``; the official
       ``extract_windows`` applies one ``RandomCrop`` and one pair of flips to the whole bank, so a
       batch shares one crop window, and sample ``i`` always uses bank map ``i``;
@@ -89,6 +116,21 @@ class ColorNoiseMask(MaskGenerator):
     (blobs about as wide as a 14x14 grid). The sigmas behind the authors' precomputed banks could
     not be confirmed here.
 
+    Sigmas and the grid: the sigmas are in patches, and a bank pixel is one patch on every grid. On
+    ViT-B/16 at 224 px the crop is 14x14; on ViT-Tiny/4 at 32 px it is 8x8. To keep the blobs the same
+    fraction of the image when going from 14x14 to 8x8, scale both sigmas by ``8 / 14`` (e.g. 1, 2 ->
+    0.57, 1.14: green's peak frequency in cycles per patch rises by ``14 / 8``, so the number of blobs per
+    image stays the same). Unscaled, an 8x8 crop shows ``(8 / 14)^2`` of the area a 14x14 crop shows:
+    fewer, relatively larger blobs. Nothing is rescaled automatically, and the official banks (made
+    for 14x14 crops) keep their pattern size in patches whatever the grid.
+
+    Official banks (``bank_file``): the ``.npz`` files the official repository links (e.g.
+    ``green_noise_data_3072.npz``), read as the official ``ColorMasking.change_color_pattern`` does:
+    the archive's first array, shape ``(N, S, S')`` (N noise maps of ``S x S'`` pixels); its values are
+    used as they are (the official per-crop division by the maximum does not change which patches are
+    highest). ``color``, ``seed``, ``bank_size``, ``bank_hw`` and the sigmas are then not used for the
+    noise; ``color`` should still name the file's colour (it is only logged).
+
     Args:
         mask_ratio: fraction of patches to mask, in (0, 1) (ColorMAE: 0.75, as MAE).
         color: ``"red"``, ``"blue"``, ``"green"`` (the paper's best, its default) or ``"purple"``.
@@ -97,6 +139,8 @@ class ColorNoiseMask(MaskGenerator):
         bank_hw: side of each map in patches; grids larger than this use a bank of side
             ``max(h, w)`` instead (built from the same seed).
         sigma_small, sigma_large: Gaussian blur widths in patches, ``0 < sigma_small < sigma_large``.
+        bank_file: path of an official precomputed noise bank (``.npz``) used instead of generating one;
+            ``None`` (default) generates it.
 
     Call: ``gen(batch_size, grid_hw, generator=None) -> (B, h*w) bool``, ``True`` = masked,
     row-major, on ``generator``'s device (CPU when ``None``); deterministic given a seeded
@@ -105,7 +149,8 @@ class ColorNoiseMask(MaskGenerator):
 
     Raises:
         ConfigError: unknown ``color``, ``mask_ratio`` outside (0, 1), ``bank_size``/``bank_hw`` < 1,
-            or sigmas not ``0 < sigma_small < sigma_large``.
+            or sigmas not ``0 < sigma_small < sigma_large``; a ``bank_file`` that does not exist, is not an
+            ``.npz`` with a float array of shape ``(N, S, S')``, or (at call time) is smaller than the grid.
     """
 
     def __init__(
@@ -117,6 +162,7 @@ class ColorNoiseMask(MaskGenerator):
         bank_hw: int = 64,
         sigma_small: float = 1.0,
         sigma_large: float = 2.0,
+        bank_file: str | None = None,
     ) -> None:
         super().__init__(mask_ratio)
         color = str(color).lower()
@@ -138,12 +184,22 @@ class ColorNoiseMask(MaskGenerator):
         self.color, self.seed = color, int(seed)
         self.bank_size, self.bank_hw = int(bank_size), int(bank_hw)
         self.sigma_small, self.sigma_large = float(sigma_small), float(sigma_large)
+        self.bank_file = None if bank_file is None else str(bank_file)
         self._banks: dict[tuple[str, int], torch.Tensor] = {}
+        if self.bank_file is not None:
+            self._banks[("cpu", -1)] = load_noise_bank(self.bank_file)  # checked now, not mid-training
 
     def bank(self, side: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
-        """The ``(bank_size, side, side)`` float32 noise bank (default side ``bank_hw``), cached."""
-        side = self.bank_hw if side is None else int(side)
+        """The ``(bank_size, side, side)`` float32 noise bank (default side ``bank_hw``), cached; with
+        ``bank_file``, that file's ``(N, S, S')`` bank whatever ``side``."""
         device = torch.device("cpu") if device is None else torch.device(device)
+        if self.bank_file is not None:
+            key = (str(device), -1)
+            if key not in self._banks:
+                cpu = self._banks.get(("cpu", -1))
+                self._banks[key] = (cpu if cpu is not None else load_noise_bank(self.bank_file)).to(device)
+            return self._banks[key]
+        side = self.bank_hw if side is None else int(side)
         key = (str(device), side)
         if key not in self._banks:
             bank = make_noise_bank(self.color, self.bank_size, side, self.seed, self.sigma_small, self.sigma_large)
@@ -157,11 +213,16 @@ class ColorNoiseMask(MaskGenerator):
         h, w = int(grid_hw[0]), int(grid_hw[1])
         device = generator.device if generator is not None else torch.device("cpu")
         bank = self.bank(max(self.bank_hw, h, w), device)
-        count, side = bank.shape[0], bank.shape[1]
+        count, side_h, side_w = bank.shape
+        if h > side_h or w > side_w:
+            raise ConfigError(
+                f"the noise bank {self.bank_file} holds {side_h}x{side_w} maps, smaller than the {h}x{w} patch grid. "
+                "Fix: a bank with larger maps, or leave bank_file unset to generate one."
+            )
         u = torch.rand(5, batch_size, generator=generator, device=device)
         index = (u[0] * count).long().clamp_max(count - 1)
-        top = (u[1] * (side - h + 1)).long().clamp_max(side - h)
-        left = (u[2] * (side - w + 1)).long().clamp_max(side - w)
+        top = (u[1] * (side_h - h + 1)).long().clamp_max(side_h - h)
+        left = (u[2] * (side_w - w + 1)).long().clamp_max(side_w - w)
         rows = torch.arange(h, device=device)
         cols = torch.arange(w, device=device)
         rows = top.view(-1, 1) + torch.where((u[3] < 0.5).view(-1, 1), rows.flip(0), rows)  # vertical flip
@@ -184,5 +245,5 @@ class ColorNoiseMask(MaskGenerator):
         return (
             f"ColorNoiseMask(mask_ratio={self.mask_ratio}, color={self.color!r}, seed={self.seed}, "
             f"bank_size={self.bank_size}, bank_hw={self.bank_hw}, sigma_small={self.sigma_small}, "
-            f"sigma_large={self.sigma_large})"
+            f"sigma_large={self.sigma_large}, bank_file={self.bank_file!r})"
         )

@@ -12,15 +12,17 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from timm.optim import param_groups_weight_decay
 
 from mim.backbones.vit import create_vit
 from mim.errors import ConfigError, UserError
-from mim.optim import scaled_lr, warmup_cosine_scheduler
+from mim.optim import scaled_lr, warmup_cosine_scheduler, weight_decay_groups
 
-#: Parameters that never get weight decay, besides biases and 1-D (norm) parameters
-#: (MAE's ``optim_factory.param_groups_weight_decay`` with the model's ``no_weight_decay()``).
+#: Fine-tuning's no-weight-decay list besides biases and 1-D (norm) parameters (timm patterns; MAE's
+#: ``main_finetune.py`` passes the ViT's ``no_weight_decay()``).
 NO_WEIGHT_DECAY = ("*pos_embed", "*cls_token", "*reg_token", "*dist_token", "*mask_token")
+#: Name substrings kept out of weight decay in pretraining when ``decay_tokens=False`` (the opt-out; the
+#: official MAE and CAE pretraining decay cls and mask tokens).
+TOKEN_KEYS = ("pos_embed", "cls_token", "reg_token", "dist_token", "mask_token")
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
@@ -35,11 +37,16 @@ class PretrainModule(L.LightningModule):
         blr: base learning rate; the used rate is ``lr = blr * effective_batch / 256`` (MAE Appendix
             A.1, "linear lr scaling rule"), ``effective_batch = batch_size * accumulate * world_size``.
         lr: absolute learning rate; overrides ``blr`` when given.
-        weight_decay: AdamW weight decay (MAE: 0.05), not applied to biases, norms, position
-            embeddings and tokens.
+        weight_decay: AdamW weight decay (MAE: 0.05), not applied to biases and 1-D parameters (norms,
+            layer scale); see ``decay_tokens`` for the tokens.
         betas: AdamW betas (MAE: (0.9, 0.95)).
         warmup_epochs: linear warmup length in epochs (fractions allowed), converted to steps.
         min_lr: final learning rate of the cosine decay.
+        decay_tokens: apply weight decay to the cls / register / mask tokens (and a learnable position
+            embedding), as the official MAE (``main_pretrain.py``: ``add_weight_decay`` without a skip
+            list, only 1-D parameters and biases excluded) and CAE (``run_pretraining.py``: the
+            top-level model has no ``no_weight_decay()``) pretraining do. ``False`` keeps every
+            parameter whose name contains one of :data:`TOKEN_KEYS` out of weight decay.
 
     Subclasses set ``self.encoder`` (a plain timm model) and ``self.encoder_config``
     (``{"model_name": str, "model_kwargs": dict}``) so the encoder can be exported and re-created;
@@ -59,6 +66,7 @@ class PretrainModule(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_epochs: float = 40.0,
         min_lr: float = 0.0,
+        decay_tokens: bool = True,
     ) -> None:
         super().__init__()
         if (lr is None and blr < 0) or (lr is not None and lr < 0):
@@ -74,6 +82,7 @@ class PretrainModule(L.LightningModule):
             raise ConfigError(f"betas must be two values in [0, 1), got {betas}. Fix: e.g. --model.init_args.betas [0.9,0.95].")
         self.blr, self.lr, self.weight_decay = blr, lr, weight_decay
         self.betas, self.warmup_epochs, self.min_lr = tuple(betas), warmup_epochs, min_lr
+        self.decay_tokens = bool(decay_tokens)
 
     def init_vit_encoder(
         self, backbone: str, img_size: int, patch_size: int, backbone_kwargs: dict[str, Any] | None
@@ -137,11 +146,22 @@ class PretrainModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         lr = scaled_lr(self.blr, self.lr, self.trainer)
-        groups = param_groups_weight_decay(self, self.weight_decay, no_weight_decay_list=NO_WEIGHT_DECAY)
+        groups = self.weight_decay_groups()
         optimizer = self.create_optimizer(groups, lr)
         min_ratio = self.min_lr / lr if lr > 0 else 0.0
-        schedule = warmup_cosine_scheduler(optimizer, self.trainer, self.warmup_epochs, min_ratio)
+        schedule = warmup_cosine_scheduler(optimizer, self.trainer, self.warmup_epochs, min_ratio, self.lr_rule(lr))
         return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+    def lr_rule(self, lr: float) -> Any:
+        """Per-step lr multiplier ``rule(step, warmup_steps, total_steps)`` of a method whose official
+        schedule differs from MAE's (:func:`mim.optim.warmup_cosine` to ``min_lr``), or ``None`` for MAE's."""
+        return None
+
+    def weight_decay_groups(self) -> list[dict[str, Any]]:
+        """``[no-decay, decay]`` parameter groups (:func:`mim.optim.weight_decay_groups`): biases and 1-D
+        parameters undecayed, tokens too when ``decay_tokens`` is off; frozen parameters left out."""
+        keys = () if self.decay_tokens else TOKEN_KEYS
+        return weight_decay_groups(self.named_parameters(), self.weight_decay, keys)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Describe the encoder in the checkpoint (``checkpoint["mim_encoder"]``: timm name, kwargs
@@ -151,7 +171,7 @@ class PretrainModule(L.LightningModule):
         checkpoint["mim_encoder"] = {**self.encoder_config, "prefix": prefix}
 
     def create_optimizer(self, groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
-        """The optimiser over timm's weight-decay ``groups`` (no decay for biases, norms, tokens):
+        """The optimiser over the weight-decay ``groups`` of :meth:`weight_decay_groups`:
         AdamW with ``betas`` here; methods whose paper uses another one override this."""
         return torch.optim.AdamW(groups, lr=lr, betas=self.betas)
 

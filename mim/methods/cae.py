@@ -6,25 +6,45 @@ The method in five steps, each a method below, as the official ``models/modeling
 (visible patches only), ``regressor`` (cross-attention from mask queries to the visible
 representations, :class:`~mim.decoders.cae.CAERegressor`), ``alignment_target`` (the same encoder,
 no gradient, on the masked patches) and ``decoder`` (masked representations only -> target).
-Loss (Sec. 3.2): ``loss_rec + align_weight * loss_align``, both mean squared errors here.
+Loss (Sec. 3.2): ``loss_rec + align_weight * loss_align``; the alignment loss is a mean squared error, the
+reconstruction loss depends on ``target``:
 
-Where this differs from the official code: the target is normalised pixels (MSE) or a timm
-teacher's features, not DALL-E tokens (cross-entropy), whose weights are not available offline; the
-alignment target uses the encoder's current weights (the official copy is refreshed with momentum
-0 after each forward, i.e. it lags one step); the regressor works at the encoder's width (the
-official projection for ``decoder_embed_dim != embed_dim`` is unused by its scripts).
+- ``"dalle"`` (the paper's): cross-entropy over DALL-E's 8,192 dVAE codes at the masked patches. The tokenizer
+  (:class:`mim.methods.dalle.DalleEncoder`, weights from a user-converted safetensors file) sees a second view
+  of the same crop at half the side (112 px for 224 px: one code per 16 px patch), ``map_pixels`` applied, as
+  BEiT's ``DataAugmentationForBEiT`` that CAE's ``run_pretraining.py`` uses; loss as the official
+  ``engine_for_pretraining.py`` (``CrossEntropyLoss`` over the masked positions' codes).
+- ``"pixel"``: per-patch normalised pixels, MSE.
+- ``"teacher"``: a frozen timm model's features, MSE.
+
+Where this differs from the official code: the tokenizer's view is made here from the (normalised) crop by
+un-normalising it and resizing with antialiased bicubic interpolation (official: Lanczos, by PIL, in the data
+pipeline); the regressor works at the encoder's width (the official projection for ``decoder_embed_dim !=
+embed_dim`` is unused by its scripts).
+
+Alignment target as official, not a deviation: the official ``alignment_encoder`` is a copy of the encoder
+at init and, after every forward, ``alignment_parameter_update`` assigns ``param_alignment.data =
+param_encoder.data``, so from then on the two share their storage and the optimiser's in-place updates
+reach both: the target always comes from the current encoder weights (no lag, no momentum), without
+gradient. Here the same module is simply run twice.
+
+Initialisation as official (``models/modeling_cae.py`` and ``modeling_cae_helper.py``): linear layers
+Xavier-uniform with zero bias, LayerNorm 1 / 0; the patch embedding's convolution, the cls token and the
+mask token ``trunc_normal(std=0.02)`` cut at +-0.02 (the helper's ``trunc_normal_(t, std)`` passes
+``a=-std, b=std``), conv bias 0.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Literal, NamedTuple
 
 import timm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from timm.layers import trunc_normal_
 from torch import nn
 
 from mim.backbones.vit import check_model_name, encode_visible, mae_init_
@@ -32,6 +52,7 @@ from mim.decoders.cae import CAEDecoder, CAERegressor
 from mim.errors import ConfigError
 from mim.masking import BlockMask, MaskGenerator, mask_config
 from mim.methods.base import PretrainModule
+from mim.methods.dalle import DALLE_STRIDE, DalleEncoder, load_dalle_encoder, map_pixels
 from mim.methods.mae import denormalize_patches, init_vit, pixel_target
 from mim.patches import gather_tokens, mask_to_pixels, patchify, unpatchify, visible_ids
 
@@ -40,7 +61,7 @@ class CAEOutput(NamedTuple):
     """What :meth:`CAE.forward` returns (``out[0]`` is the loss, as for MAE)."""
 
     loss: torch.Tensor  #: scalar, ``loss_rec + align_weight * loss_align``
-    loss_rec: torch.Tensor  #: scalar reconstruction MSE on the masked patches
+    loss_rec: torch.Tensor  #: scalar reconstruction loss on the masked patches (MSE, or CE for ``dalle``)
     loss_align: torch.Tensor  #: scalar alignment MSE (unweighted)
     pred: torch.Tensor  #: ``(B, N_m, out_dim)`` decoder output at the masked positions
     latent_pred: torch.Tensor  #: ``(B, N_m, D)`` regressor output
@@ -108,6 +129,20 @@ def teacher_features(teacher: nn.Module, imgs: torch.Tensor, grid_hw: tuple[int,
     return feats.flatten(2).transpose(1, 2)
 
 
+def cae_init_embeddings_(encoder: nn.Module, mask_token: torch.Tensor, std: float = 0.02) -> None:
+    """CAE's init of the patch embedding, the cls token and the mask token (official
+    ``modeling_cae_helper.py``: ``trunc_normal_(t, std=0.02)`` with ``a=-std, b=std``, i.e. a normal of std
+    0.02 cut at +-0.02; conv bias 0). ``encoder``: a timm ``VisionTransformer``; ``mask_token``: any shape."""
+    with torch.no_grad():
+        proj = encoder.patch_embed.proj
+        trunc_normal_(proj.weight, std=std, a=-std, b=std)
+        if proj.bias is not None:
+            proj.bias.zero_()
+        for token in (getattr(encoder, "cls_token", None), mask_token):
+            if token is not None:
+                trunc_normal_(token, std=std, a=-std, b=std)
+
+
 class CAE(PretrainModule):
     """Context autoencoder on a timm ``VisionTransformer``.
 
@@ -128,7 +163,14 @@ class CAE(PretrainModule):
             ``decoder_layer_scale_init_value`` 0.1; 1e-5 for ViT-L); ``None`` disables it.
         drop_path_rate: stochastic depth of regressor and decoder (official: the encoder's, 0.1).
         align_weight: weight of the alignment loss, ``>= 0`` (paper Sec. 3.2 / official: 2).
-        norm_pix_loss: pixel target = per-patch normalised pixels (as MAE); ignored with a teacher.
+        norm_pix_loss: pixel target = per-patch normalised pixels (as MAE); ignored by the other targets.
+        target: reconstruction target, ``"pixel"``, ``"teacher"`` (needs ``teacher``) or ``"dalle"`` (needs
+            ``dalle_weights``; the paper's); ``None`` = ``"teacher"`` when ``teacher`` is set, else ``"pixel"``.
+        dalle_weights: safetensors file of DALL-E's dVAE encoder (converted once from the public
+            ``encoder.pkl``, see :func:`mim.methods.dalle.load_dalle_encoder`), for ``target="dalle"``.
+        pixel_mean, pixel_std: the per-channel statistics the images were normalised with, to recover
+            ``[0, 1]`` pixels for the tokenizer (``target="dalle"``); default ImageNet's, replaced in
+            :meth:`setup` by the datamodule's ``mean`` / ``std`` when it has them.
         teacher: timm model name whose frozen features at the masked patches replace pixels as the
             target (a stand-in for the paper's DALL-E tokens, which cannot be loaded offline). Its
             last feature map, pooled onto the patch grid and LayerNorm-ed per token (no affine), is
@@ -138,7 +180,7 @@ class CAE(PretrainModule):
             ``encoder.safetensors``); ``None`` keeps it randomly initialised.
         teacher_kwargs: more ``timm.create_model`` arguments of the teacher, e.g.
             ``{"img_size": 32, "patch_size": 4}`` (a ViT must accept ``img_size``-px inputs).
-        blr, lr, weight_decay, betas, warmup_epochs, min_lr: see :class:`PretrainModule`; defaults
+        blr, lr, weight_decay, betas, warmup_epochs, min_lr, decay_tokens: see :class:`PretrainModule`; defaults
             from the official ViT-B 800-epoch script (lr 1.5e-3 at batch 2048 = blr 1.875e-4, AdamW
             default betas, wd 0.05, 20 warmup epochs, min lr 1e-5; it also clips grads at 3.0).
 
@@ -146,7 +188,9 @@ class CAE(PretrainModule):
         ConfigError: bad encoder / mask ratio (as MAE), ``align_weight < 0``, ``regressor_depth < 1``,
             ``decoder_depth < 0``, ``num_heads`` not dividing the width, ``mlp_ratio <= 0``,
             ``drop_path_rate`` outside [0, 1), unknown teacher, missing or incomplete ``teacher_weights``, or a
-            teacher that fails on ``img_size``-px images.
+            teacher that fails on ``img_size``-px images; an unknown ``target``, ``target="teacher"`` without a
+            teacher (or a teacher with another target), ``target="dalle"`` without ``dalle_weights`` (or the
+            weights with another target), a missing or unfitting ``dalle_weights`` file.
 
     Batches are ``(imgs, labels)`` with ``imgs: (B, 3, H, W) float32`` normalised; labels unused.
     """
@@ -170,14 +214,19 @@ class CAE(PretrainModule):
         teacher: str | None = None,
         teacher_weights: str | None = None,
         teacher_kwargs: dict[str, Any] | None = None,
+        target: Literal["pixel", "teacher", "dalle"] | None = None,
+        dalle_weights: str | None = None,
+        pixel_mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
+        pixel_std: tuple[float, float, float] = (0.229, 0.224, 0.225),
         blr: float = 1.875e-4,
         lr: float | None = None,
         weight_decay: float = 0.05,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_epochs: float = 20.0,
         min_lr: float = 1.0e-5,
+        decay_tokens: bool = True,
     ) -> None:
-        super().__init__(blr, lr, weight_decay, betas, warmup_epochs, min_lr)
+        super().__init__(blr, lr, weight_decay, betas, warmup_epochs, min_lr, decay_tokens)
         if align_weight < 0:
             raise ConfigError(f"align_weight must be >= 0, got {align_weight}. Fix: e.g. 2 (the paper's).")
         if regressor_depth < 1 or decoder_depth < 0:
@@ -187,6 +236,20 @@ class CAE(PretrainModule):
             )
         if teacher is None and teacher_weights is not None:
             raise ConfigError("teacher_weights is set but teacher is not. Fix: name its timm model in teacher.")
+        target = target or ("teacher" if teacher is not None else "pixel")
+        if target not in ("pixel", "teacher", "dalle"):
+            raise ConfigError(f"target must be 'pixel', 'teacher' or 'dalle', got {target!r}.")
+        if (target == "teacher") != (teacher is not None):
+            raise ConfigError(
+                f"target {target!r} with teacher={teacher!r}: a teacher is used by, and only by, target 'teacher'. "
+                "Fix: set both --model.init_args.target teacher and --model.init_args.teacher <timm name>, or neither."
+            )
+        if (target == "dalle") != (dalle_weights is not None):
+            raise ConfigError(
+                f"target {target!r} with dalle_weights={dalle_weights!r}: the dVAE weights are used by, and only by, "
+                "target 'dalle'. Fix: --model.init_args.target dalle --model.init_args.dalle_weights <file.safetensors>."
+            )
+        self.target_kind = target
         if not mlp_ratio > 0 or not 0 <= drop_path_rate < 1:
             raise ConfigError(
                 f"need mlp_ratio > 0 and drop_path_rate in [0, 1), got {mlp_ratio} and {drop_path_rate}. "
@@ -210,18 +273,51 @@ class CAE(PretrainModule):
             self.teacher, out_dim = create_teacher(
                 teacher, teacher_weights, dict(teacher_kwargs or {}), img_size, self.grid_hw
             )
+        self.tokenizer: DalleEncoder | None = None
+        if target == "dalle":
+            self.tokenizer = load_dalle_encoder(str(dalle_weights))
+            out_dim = self.tokenizer.vocab_size
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         args = (heads, mlp_ratio, init_values, drop_path_rate)
         self.regressor = CAERegressor(self.grid_hw, dim, regressor_depth, *args)
         self.decoder = CAEDecoder(self.grid_hw, dim, out_dim, decoder_depth, *args)
         for part in (self.encoder, self.regressor, self.decoder):  # not the teacher: its weights stay
             mae_init_(part)  # as the official code, which re-initialises linear layers Xavier-uniform
+        cae_init_embeddings_(self.encoder, self.regressor.mask_token)
 
     def train(self, mode: bool = True) -> "CAE":
-        """As ``nn.Module.train``, but the teacher always stays in eval mode."""
+        """As ``nn.Module.train``, but the teacher and the tokenizer always stay in eval mode."""
         super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
+        for frozen in (self.teacher, getattr(self, "tokenizer", None)):
+            if frozen is not None:
+                frozen.eval()
         return self
+
+    def setup(self, stage: str) -> None:
+        """The base checks, then take the datamodule's normalisation statistics (for the tokenizer's view)."""
+        super().setup(stage)
+        datamodule = self.trainer.datamodule if self._trainer else None
+        mean, std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
+        if mean is not None and std is not None and len(mean) == 3 and len(std) == 3:
+            self.pixel_mean.copy_(torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+            self.pixel_std.copy_(torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    @torch.no_grad()
+    def tokenizer_view(self, imgs: torch.Tensor) -> torch.Tensor:
+        """The tokenizer's second view of the same crop: ``(B, 3, H, W)`` normalised -> ``(B, 3, 8 h, 8 w)`` in
+        ``[0.1, 0.9]`` (``(h, w)`` the patch grid: 112 px for 224 px at patch 16), i.e. un-normalised, clamped
+        to ``[0, 1]``, resized (bicubic, antialiased) and :func:`~mim.methods.dalle.map_pixels`-ed."""
+        pixels = (imgs.float() * self.pixel_std + self.pixel_mean).clamp(0.0, 1.0)
+        size = (self.grid_hw[0] * DALLE_STRIDE, self.grid_hw[1] * DALLE_STRIDE)
+        if tuple(pixels.shape[-2:]) != size:
+            pixels = F.interpolate(pixels, size=size, mode="bicubic", antialias=True, align_corners=False)
+        return map_pixels(pixels.clamp(0.0, 1.0))
+
+    @torch.no_grad()
+    def target_tokens(self, imgs: torch.Tensor) -> torch.Tensor:
+        """``(B, L)`` int64 dVAE codes of every patch (``target="dalle"``), row-major over the patch grid."""
+        return self.tokenizer.tokens(self.tokenizer_view(imgs))
 
     # -- the method ---------------------------------------------------------------------------
     def forward_encoder(self, imgs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -238,7 +334,8 @@ class CAE(PretrainModule):
 
     @torch.no_grad()
     def target(self, imgs: torch.Tensor) -> torch.Tensor:
-        """Reconstruction target of every patch, ``(B, L, out_dim)``: pixels, or teacher features."""
+        """Regression target of every patch, ``(B, L, out_dim)``: pixels, or teacher features (not for
+        ``target="dalle"``, whose targets are :meth:`target_tokens`)."""
         if self.teacher is None:
             return pixel_target(imgs, self.patch_size, self.norm_pix_loss)
         feats = teacher_features(self.teacher, imgs, self.grid_hw)
@@ -252,7 +349,11 @@ class CAE(PretrainModule):
         latent_pred = self.regressor(self.forward_encoder(imgs, ids_keep), ids_keep, ids_masked)
         pred = self.decoder(latent_pred, ids_masked)
         latent_target = self.alignment_target(imgs, ids_masked)
-        loss_rec = F.mse_loss(pred.float(), gather_tokens(self.target(imgs), ids_masked).float())
+        if self.tokenizer is not None:  # CE over the codes of the masked patches (official engine_for_pretraining.py)
+            labels = torch.gather(self.target_tokens(imgs), 1, ids_masked)
+            loss_rec = F.cross_entropy(pred.float().flatten(0, 1), labels.flatten())
+        else:
+            loss_rec = F.mse_loss(pred.float(), gather_tokens(self.target(imgs), ids_masked).float())
         loss_align = F.mse_loss(latent_pred.float(), latent_target.float())
         loss = loss_rec + self.align_weight * loss_align
         return CAEOutput(loss, loss_rec, loss_align, pred, latent_pred, latent_target, mask)
@@ -283,7 +384,7 @@ class CAE(PretrainModule):
 
         Pixel target: predicted patches (brought back from per-patch normalisation with the true
         patch's mean and variance, as MAE's visualisation) at the masked positions, input pixels at
-        the visible ones. Teacher target: nothing is predicted in pixel space, so the masked
+        the visible ones. Teacher and dVAE targets: nothing is predicted in pixel space, so the masked
         patches are 0 (the data mean) and the picture shows only the mask.
 
         Returns:
@@ -293,7 +394,7 @@ class CAE(PretrainModule):
         ids_masked = visible_ids(~mask)
         patches = patchify(imgs, self.patch_size)
         fill = torch.zeros_like(gather_tokens(patches, ids_masked))
-        if self.teacher is None:
+        if self.target_kind == "pixel":
             fill = self(imgs, mask).pred.to(imgs.dtype)
             if self.norm_pix_loss:
                 true = gather_tokens(patches, ids_masked)

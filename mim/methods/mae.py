@@ -142,7 +142,7 @@ class MAE(PretrainModule):
         decoder_embed_dim, decoder_depth, decoder_num_heads: decoder size (MAE: 512, 8, 16).
         mlp_ratio: decoder MLP ratio.
         norm_pix_loss: regress per-patch normalised pixels (MAE Table 1d: better representations).
-        blr, lr, weight_decay, betas, warmup_epochs, min_lr: see :class:`PretrainModule`
+        blr, lr, weight_decay, betas, warmup_epochs, min_lr, decay_tokens: see :class:`PretrainModule`
             (MAE Appendix A.1: blr 1.5e-4, wd 0.05, betas (0.9, 0.95), 40 warmup epochs).
 
     Raises:
@@ -172,8 +172,9 @@ class MAE(PretrainModule):
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_epochs: float = 40.0,
         min_lr: float = 0.0,
+        decay_tokens: bool = True,
     ) -> None:
-        super().__init__(blr, lr, weight_decay, betas, warmup_epochs, min_lr)
+        super().__init__(blr, lr, weight_decay, betas, warmup_epochs, min_lr, decay_tokens)
         check_decoder_args(decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio)
         self.mask_generator = mask(mask_ratio)
         self.save_hyperparameters(ignore=["mask"])

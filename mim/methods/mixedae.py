@@ -28,7 +28,7 @@ for ViT-B/16 at 224 px the encoder costs ~1.6 % more, for ViT-Tiny/4 at 32 px (`
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Literal, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -223,15 +223,19 @@ class MixedAE(PretrainModule):
         segment_embedding: add one learned embedding per source slot to the patch tokens.
         contrastive_weight: weight of the homologous contrastive loss (0 disables it).
         temperature: temperature of the homologous contrastive loss.
+        cls_attention: how homologous attention treats the prefix (cls) key: ``"always"`` (every
+            query attends to it, the top-``K`` runs over the ``N`` patch keys) or ``"topk"`` (it competes
+            with the patch keys for the ``K`` places like any other key).
         decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio: MAE decoder size.
         norm_pix_loss: regress per-patch normalised pixels (MAE's target, which MixedAE keeps).
-        blr, lr, weight_decay, betas, warmup_epochs, min_lr: see :class:`PretrainModule`
+        blr, lr, weight_decay, betas, warmup_epochs, min_lr, decay_tokens: see :class:`PretrainModule`
             (defaults: MAE's recipe, which MixedAE builds on: blr 1.5e-4, wd 0.05, betas (0.9, 0.95)).
 
     Raises:
         ConfigError: ``1/mixing_ratio`` not a whole number >= 2; ``N`` not divisible by ``1/r`` or
             fewer than 2 patches per source; a homologous layer index out of range; a non-ViT or
             unknown backbone or bad ``backbone_kwargs``; ``temperature <= 0``; ``contrastive_weight < 0``;
+            ``cls_attention`` not ``"always"`` / ``"topk"``;
             a decoder that cannot be built or learn (:func:`~mim.methods.mae.check_decoder_args`). At ``setup`` /
             ``forward``: a batch size that is not a positive multiple of ``1/r``.
 
@@ -248,22 +252,22 @@ class MixedAE(PretrainModule):
     homologous patches as positives (Sec. 3); the MAE pretraining recipe; "only 3 % extra overhead"
     over MAE (Sec. 1, Fig. 1).
 
-    Choices where the paper text is open or could not be checked here (each a constructor argument):
+    Choices the paper text did not confirm here, each with the constructor argument that sets it:
 
-    - Mixing positions: slot 0 from the mask generator, the rest a uniform split (see
-      :func:`sample_sources`), so any mask generator keeps the exact-partition guarantee.
-    - Prefix (cls) token: the mix has one cls token, owned by no source. Every query always attends
-      to it and the top-K runs over the ``N`` patch keys (``K = r*N``: exactly a source's patch
-      count); each source's decoder input starts with its mix's cls token.
-    - Homologous attention in every encoder block by default (``homologous_layers=None``).
-    - Contrastive features: the encoder's final (normed) patch tokens, no projection head;
-      negatives are the other patches of the same mixed image only (the pretext is recognising
-      homologous patches within one mix); SupCon's "outside-log" form.
-    - ``temperature = 0.1`` (SupCon's default for this loss form) and ``contrastive_weight = 1.0``
-      (a plain sum of the two losses): to be checked against the paper's implementation details.
-    - Segment embeddings live in this module, not in the timm encoder (fine-tuning inputs are not
-      mixed), initialised N(0, 0.02) like MAE's tokens, with weight decay like BERT's segment
-      embeddings.
+    | choice | argument (default) | default behaviour |
+    |---|---|---|
+    | contrastive temperature | ``temperature`` (0.1) | SupCon's default for this loss form |
+    | contrastive weight | ``contrastive_weight`` (1.0) | a plain sum of the two losses |
+    | blocks with homologous attention | ``homologous_layers`` (``None`` = all) | every encoder block |
+    | segment embedding | ``segment_embedding`` (``True``) | one learned vector per source slot added to the patch tokens, kept in this module (fine-tuning inputs are not mixed), init N(0, 0.02), decayed as a 2-D weight |
+    | cls key in homologous attention | ``cls_attention`` (``"always"``) | the mix has one cls token, owned by no source; every query attends to it and the top-``K`` (``K = r*N``) runs over the ``N`` patch keys |
+    | weight decay of cls / mask tokens | ``decay_tokens`` (``True``) | decayed, as MAE's official rule |
+    | mixing positions | ``mask`` (``RandomMask``) | slot 0 owns the generator's visible positions, the rest a uniform split (:func:`sample_sources`) |
+
+    Fixed (not arguments): each source's decoder input starts with its mix's cls token; the contrastive
+    features are the encoder's final (normed) patch tokens, no projection head; the negatives are the other
+    patches of the same mixed image only (the pretext is recognising homologous patches within one mix),
+    in SupCon's "outside-log" form.
     """
 
     def __init__(
@@ -278,6 +282,7 @@ class MixedAE(PretrainModule):
         segment_embedding: bool = True,
         contrastive_weight: float = 1.0,
         temperature: float = 0.1,
+        cls_attention: Literal["always", "topk"] = "always",
         decoder_embed_dim: int = 512,
         decoder_depth: int = 8,
         decoder_num_heads: int = 16,
@@ -289,14 +294,20 @@ class MixedAE(PretrainModule):
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_epochs: float = 40.0,
         min_lr: float = 0.0,
+        decay_tokens: bool = True,
     ) -> None:
-        super().__init__(blr, lr, weight_decay, betas, warmup_epochs, min_lr)
+        super().__init__(blr, lr, weight_decay, betas, warmup_epochs, min_lr, decay_tokens)
         self.group_size = group_size(mixing_ratio)
         check_decoder_args(decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio)
         if temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {temperature}. Fix: e.g. --model.temperature 0.1.")
         if contrastive_weight < 0:
             raise ConfigError(f"contrastive_weight must be >= 0, got {contrastive_weight}.")
+        if cls_attention not in ("always", "topk"):
+            raise ConfigError(
+                f"cls_attention must be 'always' or 'topk', got {cls_attention!r}. Fix: --model.init_args.cls_attention always."
+            )
+        self.cls_attention = cls_attention
         self.mask_generator = mask(1.0 - mixing_ratio)
         self.save_hyperparameters(ignore=["mask"])
         self.hparams["mask"] = mask_config(self.mask_generator)  # a config: --ckpt_path resumes
@@ -389,7 +400,8 @@ class MixedAE(PretrainModule):
         use_checkpoint = vit.grad_checkpointing and torch.is_grad_enabled()
         for i, block in enumerate(vit.blocks):
             if i in self.homologous_layers:
-                run = lambda t, b=block: homologous_block_forward(b, t, self.topk, prefix)  # noqa: E731
+                kept = prefix if self.cls_attention == "always" else 0  # "topk": prefix keys compete too
+                run = lambda t, b=block, p=kept: homologous_block_forward(b, t, self.topk, p)  # noqa: E731
             else:
                 run = block
             x = checkpoint(run, x, use_reentrant=False) if use_checkpoint else run(x)

@@ -10,6 +10,7 @@ normalised pixels of the masked 32x32 patches (MSE).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, Literal
@@ -24,8 +25,14 @@ from mim.errors import ConfigError
 from mim.masking import MaskGenerator, RandomMask, mask_config
 from mim.methods.base import PretrainModule
 from mim.methods.mae import denormalize_patches, masked_mse, pixel_target
+from mim.optim import lr_wd_annealing, weight_decay_groups
 from mim.patches import mask_to_pixels, patchify, unpatchify
 from mim.sync_batchnorm import SyncedBatchNorm
+
+
+#: Name substrings without weight decay (official ``main.py``: ``get_param_groups(model, nowd_keys={'cls_token',
+#: 'pos_embed', 'mask_token', 'gamma'})``, matched as substrings, so the decoder's ``mask_tokens.0`` too).
+NO_DECAY_KEYS = ("cls_token", "pos_embed", "mask_token", "gamma")
 
 
 def cosine_weight_decay(step: int, total_steps: int, start: float, end: float) -> float:
@@ -59,8 +66,12 @@ class SparK(PretrainModule):
         weight_decay, weight_decay_end: cosine weight-decay schedule over the run (official 0.04 ->
             0.2); ``weight_decay_end=None`` keeps it constant.
         betas: optimiser betas (official: (0.9, 0.95) for ResNets, (0.9, 0.999) for ConvNeXts).
-        warmup_epochs, min_lr: linear warmup then cosine decay (official: 40 epochs; final lr
-            0.001x the peak).
+        warmup_epochs: linear warmup length (official: 40 epochs).
+        warmup_start_ratio: learning rate at step 0 as a fraction of the peak (official 0.005).
+        min_lr: final learning rate of the cosine decay, reached at the last step; ``None`` (default)
+            = 0.001x the peak, as the official schedule (``pretrain/utils/lr_control.py``,
+            ``lr_wd_annealing``: ``0.005 -> 1`` linear warmup, then cosine ``1 -> 0.001``, see
+            :func:`mim.optim.lr_wd_annealing`).
         clip_grad: max global gradient norm (official: 5.0); ``--trainer.gradient_clip_val``
             overrides it, ``None`` or 0 disables it.
 
@@ -68,7 +79,8 @@ class SparK(PretrainModule):
         ConfigError: unknown backbone or one without 4 feature scales, ``img_size`` not a multiple
             of 32 or below 64, ``mask_ratio`` outside (0, 1), spconv asked for but not installed or
             with a ConvNeXt, unknown ``optimizer`` / ``densify_norm``, ``decoder_width < 32``, negative
-            ``clip_grad`` / ``weight_decay_end``, ``backbone_kwargs`` the timm model does not take.
+            ``clip_grad`` / ``weight_decay_end``, ``warmup_start_ratio`` outside [0, 1],
+            ``backbone_kwargs`` the timm model does not take.
 
     Batches are ``(imgs, labels)`` with ``imgs: (B, 3, img_size, img_size) float32`` normalised.
     """
@@ -91,10 +103,17 @@ class SparK(PretrainModule):
         weight_decay_end: float | None = 0.2,
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_epochs: float = 40.0,
-        min_lr: float = 0.0,
+        min_lr: float | None = None,
         clip_grad: float | None = 5.0,
+        warmup_start_ratio: float = 0.005,
     ) -> None:
-        super().__init__(blr, lr, weight_decay, betas, warmup_epochs, min_lr)
+        super().__init__(blr, lr, weight_decay, betas, warmup_epochs, 0.0 if min_lr is None else min_lr)
+        if not 0.0 <= warmup_start_ratio <= 1.0:
+            raise ConfigError(
+                f"warmup_start_ratio must lie in [0, 1], got {warmup_start_ratio}. "
+                "Fix: e.g. --model.init_args.warmup_start_ratio 0.005 (official)."
+            )
+        self.final_lr, self.warmup_start_ratio = min_lr, float(warmup_start_ratio)
         if img_size % MASK_STRIDE or img_size < 2 * MASK_STRIDE:
             raise ConfigError(
                 f"SparK needs img_size to be a multiple of {MASK_STRIDE} and at least {2 * MASK_STRIDE} "
@@ -198,6 +217,18 @@ class SparK(PretrainModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
+    def weight_decay_groups(self) -> list[dict[str, Any]]:
+        """``[no-decay, decay]`` groups as the official ``get_param_groups``: biases, 1-D parameters and
+        names containing :data:`NO_DECAY_KEYS` (the decoder's 4-D ``mask_tokens``) undecayed. With LAMB the
+        undecayed group also skips the trust ratio (timm's ``Lamb`` adapts only groups with weight decay,
+        as the official ``TheSameAsTimmLAMB``)."""
+        return weight_decay_groups(self.named_parameters(), self.weight_decay, NO_DECAY_KEYS)
+
+    def lr_rule(self, lr: float) -> Callable[[int, int, int], float]:
+        """The official per-step schedule, :func:`mim.optim.lr_wd_annealing` (``min_lr=None``: 0.001x)."""
+        min_ratio = 0.001 if self.final_lr is None else (self.final_lr / lr if lr > 0 else 0.0)
+        return functools.partial(lr_wd_annealing, start_ratio=self.warmup_start_ratio, min_ratio=min_ratio)
+
     def create_optimizer(self, groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
         """LAMB (official ``--opt lamb``; clipping is done by :meth:`configure_gradient_clipping`,
         so LAMB's own is off) or AdamW, over timm's decay / no-decay groups."""
@@ -243,4 +274,4 @@ class SparK(PretrainModule):
         return {"mask": pixels, "reconstruction": recon * pixels + imgs * (1 - pixels)}
 
 
-__all__ = ["SparK", "cosine_weight_decay"]
+__all__ = ["NO_DECAY_KEYS", "SparK", "cosine_weight_decay"]

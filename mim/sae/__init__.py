@@ -1,8 +1,12 @@
 """Sparse autoencoders on frozen features: variants (:mod:`mim.sae.models`), their sparse kernels
 (:mod:`mim.sae.kernels`), the training loop (:mod:`mim.sae.module`), feature-store streaming
-(:mod:`mim.sae.data`), metrics (:mod:`mim.sae.metrics`), downstream probes (:mod:`mim.sae.downstream`) and
-pictures of what latents respond to (:mod:`mim.sae.viz`)."""
+(:mod:`mim.sae.data`), metrics (:mod:`mim.sae.metrics`), downstream probes (:mod:`mim.sae.downstream`),
+pictures of what latents respond to (:mod:`mim.sae.viz`), splicing and interventions in a frozen encoder
+(:mod:`mim.sae.splice`), the splice-in evaluation (:mod:`mim.sae.splice_eval`) and the sparse latent cache
+(:mod:`mim.sae.cache`, written by ``mim predict`` with :mod:`mim.sae.encode`)."""
 
+from mim.sae.cache import LatentCache, LatentCacheWriter
+from mim.sae.encode import SAEEncoder, StoreImagesDataModule
 from mim.sae.models import (
     MPSAE,
     VARIANTS,
@@ -20,6 +24,8 @@ from mim.sae.models import (
     load_sae,
     save_sae,
 )
+from mim.sae.splice import SPLICE_MODES, capture, intervene
+from mim.sae.splice_eval import SpliceEvaluation, SpliceMetric
 
 __all__ = [
     "MPSAE",
@@ -27,14 +33,23 @@ __all__ = [
     "AbsTopKSAE",
     "BatchTopKSAE",
     "JumpReLUSAE",
+    "LatentCache",
+    "LatentCacheWriter",
     "MatryoshkaSAE",
     "ReLUSAE",
+    "SAEEncoder",
     "SAELoss",
+    "SPLICE_MODES",
     "SAEOutput",
     "SparseAutoencoder",
     "SparseCode",
+    "SpliceEvaluation",
+    "SpliceMetric",
+    "StoreImagesDataModule",
     "TopAFASAE",
     "TopKSAE",
+    "capture",
+    "intervene",
     "load_sae",
     "save_sae",
 ]

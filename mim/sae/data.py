@@ -2,9 +2,14 @@
 
 :class:`FeatureStoreDataModule` streams the rows of a feature store (``mim/features/store.py``): with
 ``tokens="patch"`` every patch token of every image is one row (``count x L`` rows, ``L = h x w`` of the store's
-``patch_grid``), with ``"cls"`` / ``"mean"`` every image is one row. Batches are :class:`FeatureBatch`
-``(features (B, d_model) float32, labels (B,) int64, indices (B,) int64)``; labels and image indices repeat
-once per token.
+``patch_grid``), with ``"register"`` every register token (``count x R`` rows), with ``"cls"`` / ``"pooled"`` /
+``"mean"`` every image is one row. Batches are :class:`FeatureBatch` ``(features (B, d_model) float32, labels (B,)
+int64, indices (B,) int64)``: a float16 / bfloat16 store is read as stored and converted to float32 batch by batch;
+labels and image indices repeat once per token.
+
+High-norm tokens. A store extracted with a high-norm filter (``FeatureExtractor(high_norm_factor=...)``) flags
+artefact patch tokens; with ``skip_high_norm`` (the default) they are left out of the patch rows, so a pass gives
+``count x L - high_norm_tokens`` rows (the count is in the store's metadata).
 
 Order. Training batches come from :meth:`FeatureStore.batches` (shard order permuted, then ``buffer_shards``
 shards at a time loaded and their rows permuted), seeded with ``seed + epoch``: every epoch has a new order,
@@ -37,6 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mim.errors import ConfigError
 from mim.features.store import (
+    MULTI_TOKEN_KINDS,
     TOKEN_KINDS,
     FeatureBatch,
     FeatureStore,
@@ -52,12 +58,13 @@ warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` 
 SAME_FEATURES_KEYS = ("encoder", "layer")
 
 
-def token_rows(store: FeatureStore, tokens: str) -> int:
-    """Rows a pass over ``store`` gives: ``count x h x w`` for patch tokens, ``count`` for cls / mean."""
-    if tokens != "patch":
-        return len(store)
-    grid = store.metadata.get("patch_grid") or (0, 0)
-    return len(store) * int(grid[0]) * int(grid[1])
+def token_rows(store: FeatureStore, tokens: str, skip_high_norm: bool = False) -> int:
+    """Rows a pass over ``store`` gives: ``count x h x w`` for patch tokens (less the flagged high-norm tokens
+    with ``skip_high_norm``), ``count x R`` for register tokens, ``count`` for cls / pooled / mean."""
+    rows = len(store) * store.tokens_per_image(tokens)
+    if tokens == "patch" and skip_high_norm:
+        rows -= store.high_norm_tokens or 0
+    return rows
 
 
 def check_d_model(
@@ -111,6 +118,7 @@ class FeatureStoreDataset(IterableDataset):
         even: give every rank the same number of batches (training; see :func:`batches_per_rank`).
         check_finite: raise :class:`FeatureStoreError` naming the shard and row when a shard holds NaN / Inf.
         rank, world_size: this process's DDP rank and the number of ranks.
+        skip_high_norm: leave out patch tokens flagged as high-norm by the extraction (if it flagged any).
 
     ``len()`` is the number of batches this rank yields per pass (all its workers together).
     Yields :class:`FeatureBatch` with ``features`` (B, d_model) float32 (converted from the store's dtype),
@@ -130,13 +138,14 @@ class FeatureStoreDataset(IterableDataset):
         check_finite: bool = True,
         rank: int = 0,
         world_size: int = 1,
+        skip_high_norm: bool = True,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ConfigError(f"Need 0 <= rank < world_size, got rank {rank}, world_size {world_size}.")
         self.store, self.tokens, self.batch_size, self.shuffle = store, tokens, batch_size, shuffle
         self.seed, self.buffer_shards, self.drop_last, self.check_finite = seed, buffer_shards, drop_last, check_finite
-        self.rank, self.world_size = rank, world_size
-        self.rows = token_rows(store, tokens)
+        self.rank, self.world_size, self.skip_high_norm = rank, world_size, skip_high_norm
+        self.rows = token_rows(store, tokens, skip_high_norm)
         self.used_batches, _ = batches_per_rank(self.rows, batch_size, drop_last, world_size, even)
         self.epoch = 0
         self.skip = 0
@@ -158,12 +167,13 @@ class FeatureStoreDataset(IterableDataset):
             shuffle=self.shuffle,
             seed=self.seed + self.epoch,
             buffer_shards=self.buffer_shards,
-            flatten=self.tokens == "patch",
+            flatten=self.tokens in MULTI_TOKEN_KINDS,
             drop_last=self.drop_last,
             check_finite=self.check_finite,
             offset=self.rank + self.world_size * (self.skip + worker),
             stride=self.world_size * workers,
             max_batches=self.used_batches,
+            skip_high_norm=self.skip_high_norm,
         )
         for batch in stream:
             yield FeatureBatch(batch.features.to(torch.float32, copy=True), batch.labels.clone(), batch.indices.clone())
@@ -203,6 +213,9 @@ class FeatureStoreDataModule(L.LightningDataModule):
             NaN / Inf features (one ``isfinite`` pass per shard).
         num_workers: DataLoader worker processes per rank (0: load in the main process). Not persistent: each
             epoch's workers get the dataset with that epoch's order.
+        skip_high_norm: leave the patch tokens that the extraction flagged as high-norm artefacts
+            (``FeatureExtractor(high_norm_factor=...)``) out of training and validation; no effect on a store
+            without flags.
 
     After :meth:`setup`: ``d_model``, ``train_metadata`` (the training store's ``metadata.json`` plus its
     ``path``), ``tokens_per_epoch`` (rows of the training store per pass, all ranks) and ``steps_per_epoch``
@@ -230,6 +243,7 @@ class FeatureStoreDataModule(L.LightningDataModule):
         drop_last: bool = True,
         check_finite: bool = True,
         num_workers: int = 0,
+        skip_high_norm: bool = True,
     ) -> None:
         super().__init__()
         if tokens not in TOKEN_KINDS:
@@ -244,7 +258,7 @@ class FeatureStoreDataModule(L.LightningDataModule):
         self.train_store, self.val_store, self.tokens = train_store, val_store, tokens
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.buffer_shards, self.seed, self.drop_last = buffer_shards, seed, drop_last
-        self.check_finite, self.num_workers = check_finite, num_workers
+        self.check_finite, self.num_workers, self.skip_high_norm = check_finite, num_workers, skip_high_norm
         self.train: FeatureStore | None = None
         self.val: FeatureStore | None = None
         self._resume: dict[str, int] | None = None  # training position from a checkpoint (load_state_dict)
@@ -349,7 +363,7 @@ class FeatureStoreDataModule(L.LightningDataModule):
     def tokens_per_epoch(self) -> int:
         """Token rows in the training store (one pass, all ranks); training uses
         ``steps_per_epoch x world_size x batch_size`` of them."""
-        return token_rows(self._require_train(), self.tokens)
+        return token_rows(self._require_train(), self.tokens, self.skip_high_norm)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -370,7 +384,7 @@ class FeatureStoreDataModule(L.LightningDataModule):
         return FeatureStoreDataset(
             store, self.tokens, self.batch_size if train else self.val_batch_size, shuffle=train, seed=self.seed,
             buffer_shards=self.buffer_shards, drop_last=self.drop_last and train, even=train,
-            check_finite=self.check_finite, rank=rank, world_size=world,
+            check_finite=self.check_finite, rank=rank, world_size=world, skip_high_norm=self.skip_high_norm,
         )
 
     def _loader(self, dataset: FeatureStoreDataset, train: bool = False) -> DataLoader:

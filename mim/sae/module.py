@@ -8,7 +8,7 @@ import lightning as L
 import torch
 
 from mim.errors import ConfigError, UserError
-from mim.features.store import FeatureBatch, FeatureStore
+from mim.features.store import MULTI_TOKEN_KINDS, FeatureBatch, FeatureStore
 from mim.sae.data import FeatureStoreDataModule, check_d_model
 from mim.sae.downstream import downstream_probe
 from mim.sae.metrics import decoder_coherence, sae_metrics
@@ -106,7 +106,8 @@ class SAETraining(L.LightningModule):
                 "--data mim.sae.data.FeatureStoreDataModule (or call sae.initialize(sample) before fitting)."
             )
         batches = FeatureStore(dm.train_store).batches(
-            self.hparams.init_tokens, tokens=dm.tokens, seed=dm.seed, flatten=dm.tokens == "patch"
+            self.hparams.init_tokens, tokens=dm.tokens, seed=dm.seed, flatten=dm.tokens in MULTI_TOKEN_KINDS,
+            skip_high_norm=dm.skip_high_norm, dtype=torch.float32,
         )
         self.sae.initialize(next(iter(batches)).features.to(self.device))
 

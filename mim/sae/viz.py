@@ -2,9 +2,12 @@
 
 Computation (torch only) is separate from drawing (matplotlib, imported lazily: ``pip install
 'mim-lightning[viz]'``). :func:`latent_activations` streams a feature store through an SAE once and keeps, per
-latent, only small summaries; :func:`write_gallery` draws them. ``tools/sae_gallery.py`` is the command line.
+latent, only small summaries, or reads them from a sparse latent cache (:mod:`mim.sae.cache`) without encoding;
+:func:`write_gallery` draws them. ``tools/sae_gallery.py`` is the command line.
 
-Definitions (``a_j(t)``: activation of latent ``j`` on token ``t``, the value in its sparse code, 0 when inactive):
+Definitions (``a_j(t)``: activation of latent ``j`` on token ``t``, its entry in the dense code
+``SparseCode.to_dense``, 0 when inactive; a latent in several slots of a token's code, as matching pursuit makes,
+has their sum):
 
 - **firing frequency** of ``j``: the fraction of the store's tokens (patch tokens, or one cls / mean token per
   image) with ``a_j(t) != 0``. A latent that never fires on the store is *dead* here (whatever its training
@@ -35,6 +38,7 @@ import torch
 from mim.errors import ConfigError
 from mim.export import atomic_write
 from mim.features.store import FeatureStore, FeatureStoreError
+from mim.sae.cache import LatentCache, merge_slots
 from mim.sae.data import check_d_model
 from mim.sae.models import SparseAutoencoder
 
@@ -186,6 +190,8 @@ def _stream(
     for batch in store.batches(max(1, batch_size // per_image), tokens=tokens, shuffle=False, check_finite=True):
         n = len(batch.indices)
         code = sae.encode(batch.features.reshape(n * per_image, -1).to(device))
+        if not sae.distinct_ids:  # a latent in several slots of a token: one activation, their sum (to_dense)
+            code = merge_slots(code, d_sae)
         values, latent = code.values.float(), code.indices
         labels, images = batch.labels.to(device), batch.indices.to(device)
         fired += code.fired(d_sae)
@@ -221,6 +227,49 @@ def _stream(
         "class_mean": (class_sum.view(num, d_sae).t() / class_tokens.clamp_min(1)).cpu(),
         "class_tokens": class_tokens.cpu(),
     }
+
+
+def _from_cache(cache: LatentCache, n_top: int, num_classes: int) -> dict[str, Any]:
+    """What :func:`_stream` computes, read from a latent cache's per-latent index and statistics."""
+    import numpy as np
+
+    stats, index = cache.stats(), cache.index()
+    offsets = torch.from_numpy(np.array(index["offsets"]))
+    slot = torch.arange(n_top)
+    used = slot < offsets.diff()[:, None]  # (d_sae, n_top)
+    pos = (offsets[:-1, None] + slot).masked_fill(~used, 0).numpy()
+    if len(index["images"]):
+        images = torch.from_numpy(np.asarray(index["images"][pos], dtype=np.int64))
+        values = torch.from_numpy(np.asarray(index["scores"][pos], dtype=np.float32))
+    else:
+        images, values = torch.zeros(pos.shape, dtype=torch.long), torch.zeros(pos.shape)
+    rows = torch.searchsorted(cache.indices, images).clamp_max(max(len(cache) - 1, 0))
+    labels = cache.labels[rows] if len(cache) else torch.zeros_like(images)
+    num = max(num_classes, stats.class_tokens.numel())
+    class_sum = torch.zeros(cache.d_sae, num, dtype=torch.float64)
+    class_sum[:, : stats.class_sum.shape[1]] = stats.class_sum
+    class_tokens = torch.zeros(num, dtype=torch.long)
+    class_tokens[: stats.class_tokens.numel()] = stats.class_tokens
+    return {
+        "grid": cache.patch_grid,
+        "token_count": stats.token_count,
+        "fired": stats.fired,
+        "top_values": values.masked_fill(~used, -math.inf),
+        "top_images": images.masked_fill(~used, -1),
+        "top_labels": labels.masked_fill(~used, -1),
+        "class_mean": class_sum / class_tokens.clamp_min(1),
+        "class_tokens": class_tokens,
+    }
+
+
+def cache_maps(cache: LatentCache, latents: torch.Tensor, top_images: torch.Tensor) -> torch.Tensor:
+    """:func:`activation_maps` read from a latent cache: (n, n_top, h, w) float32, zeros where unused."""
+    h, w = cache.patch_grid
+    maps = torch.zeros(*top_images.shape, h, w)
+    for pos, latent in enumerate(latents.tolist()):
+        used = top_images[pos] >= 0
+        maps[pos, used] = cache.activation_map(latent, top_images[pos][used])
+    return maps
 
 
 @torch.inference_mode()
@@ -266,7 +315,7 @@ def activation_maps(
 
 
 def latent_activations(
-    sae: SparseAutoencoder,
+    sae: SparseAutoencoder | None,
     store: FeatureStore | str | os.PathLike,
     tokens: str = "patch",
     batch_size: int = 4096,
@@ -275,10 +324,16 @@ def latent_activations(
     n_latents: int = 16,
     min_count: int = MIN_COUNT,
     num_classes: int = 0,
+    cache: LatentCache | str | os.PathLike | None = None,
 ) -> LatentActivations:
     """Stream ``store`` (unshuffled, ``batch_size`` tokens per encode) through ``sae`` in eval mode on its device,
     and summarise every latent (definitions in the module docstring); then pick latents with
     :func:`select_latents` and, for patch tokens, compute their heatmaps with :func:`activation_maps`.
+
+    With a latent ``cache`` (:class:`mim.sae.cache.LatentCache` of this SAE and store, ``mim predict`` with
+    ``LatentCacheWriter``) nothing is encoded: the summaries come from its per-latent index and statistics and the
+    heatmaps from its per-token codes (:func:`cache_maps`), the same numbers as the streaming pass (class means
+    up to float64 summation order); ``sae`` may then be None (given, it is checked against the cache).
 
     Memory: ``d_sae x (3 n_top + num_classes)`` numbers plus one batch; never ``tokens x d_sae``.
 
@@ -289,13 +344,26 @@ def latent_activations(
         num_classes: width of ``class_mean`` at least (classes absent from the store get zeros).
 
     Raises:
-        ConfigError: ``batch_size`` or ``n_top`` below 1, a bad selection.
+        ConfigError: ``batch_size`` or ``n_top`` below 1, a bad selection, no ``sae`` and no ``cache``.
         FeatureStoreError: another ``d_model`` than the SAE's, an empty store, missing ``tokens``, NaN / Inf
             features (the shard and row are named).
+        LatentCacheError: a cache of another SAE, store or token kind, or an unreadable one.
     """
     store = store if isinstance(store, FeatureStore) else FeatureStore(store)
     if batch_size < 1 or n_top < 1:
         raise ConfigError(f"batch_size and n_top must be >= 1, got {batch_size}, {n_top}. Fix: pass positive values.")
+    if cache is not None:
+        cache = cache if isinstance(cache, LatentCache) else LatentCache(cache)
+        cache.check_source(sae, store, tokens)
+        stats = _from_cache(cache, n_top, num_classes)
+        chosen = select_latents(latents, stats["fired"], stats["class_mean"], n_latents, min_count)
+        maps = cache_maps(cache, chosen, stats["top_images"][chosen]) if stats["grid"] is not None else None
+        return LatentActivations(tokens=tokens, patch_grid=stats["grid"], token_count=stats["token_count"],
+                                 fired=stats["fired"], top_values=stats["top_values"], top_images=stats["top_images"],
+                                 top_labels=stats["top_labels"], class_mean=stats["class_mean"],
+                                 class_tokens=stats["class_tokens"], latents=chosen, maps=maps)
+    if sae is None:
+        raise ConfigError("latent_activations needs an SAE or a latent cache. Fix: pass sae or cache.")
     check_d_model(store, sae.d_model)
     if len(store) == 0:
         raise FeatureStoreError(f"Feature store {store.path} holds no image. Fix: extract a non-empty split.")
@@ -563,6 +631,7 @@ __all__ = [
     "SELECT_MODES",
     "LatentActivations",
     "activation_maps",
+    "cache_maps",
     "class_selectivity",
     "draw_class_table",
     "draw_frequency_histogram",
