@@ -75,6 +75,45 @@ def atomic_write(path: Path, write: Any) -> None:
         raise
 
 
+def write_format_json(path: Path, fmt: str, version: int, metadata: dict[str, Any]) -> Path:
+    """Write ``{"format": fmt, "format_version": version, **metadata}`` as JSON to ``path`` atomically (the
+    ``metadata.json`` of a feature store or latent cache, written only once every shard is complete)."""
+    text = json.dumps({"format": fmt, "format_version": version, **metadata}, indent=2, default=str)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return path
+
+
+def read_format_json(
+    path: Path, fmt: str, version: int, error: type[UserError], what: str, fixes: tuple[str, str, str]
+) -> dict[str, Any] | None:
+    """The JSON written by :func:`write_format_json`, or None when ``path`` does not exist.
+
+    Args:
+        path: the ``metadata.json``.
+        fmt, version: the expected ``format`` and ``format_version``.
+        error: the error class raised (a :class:`~mim.errors.UserError`).
+        what: what the folder is, e.g. ``"feature store"`` (named in the messages).
+        fixes: the ``Fix: ...`` sentences for unreadable JSON, another format, another version.
+
+    Raises:
+        error: the file is not JSON, not of format ``fmt``, or of another version.
+    """
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise error(f"{path} is not readable JSON ({err}). {fixes[0]}") from err
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise error(f"{path} is not the metadata of a mim {what}. {fixes[1]}")
+    if meta.get("format_version") != version:
+        raise error(
+            f"{path} has {what.replace(' ', '-')} format version {meta.get('format_version')}; this mim reads version "
+            f"{version}. {fixes[2]}"
+        )
+    return meta
+
+
 def save_encoder(encoder: nn.Module, config: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write ``encoder``'s weights to ``path`` (``.safetensors``) and ``config`` beside it (``.json``).
 

@@ -47,7 +47,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mim.errors import UserError
-from mim.export import atomic_write
+from mim.export import atomic_write, read_format_json, write_format_json
 
 FORMAT = "mim-feature-store"
 FORMAT_VERSION = 1
@@ -113,23 +113,11 @@ def read_metadata(folder: str | os.PathLike) -> dict[str, Any] | None:
     Raises:
         FeatureStoreError: the file is not JSON or not a feature store's metadata.
     """
-    path = Path(folder) / METADATA
-    if not path.is_file():
-        return None
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise FeatureStoreError(
-            f"{path} is not readable JSON ({err}). Fix: re-run the extraction with overwrite=True."
-        ) from err
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise FeatureStoreError(f"{path} is not the metadata of a mim feature store. Fix: use another folder.")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise FeatureStoreError(
-            f"{path} has feature-store format version {meta.get('format_version')}; this mim reads version "
-            f"{FORMAT_VERSION}. Fix: re-extract with this version of mim (overwrite=True)."
-        )
-    return meta
+    return read_format_json(Path(folder) / METADATA, FORMAT, FORMAT_VERSION, FeatureStoreError, "feature store", (
+        "Fix: re-run the extraction with overwrite=True.",
+        "Fix: use another folder.",
+        "Fix: re-extract with this version of mim (overwrite=True).",
+    ))
 
 
 def as_json(value: Any) -> Any:
@@ -194,10 +182,7 @@ def clear_store(folder: str | os.PathLike) -> None:
 
 def write_metadata(folder: str | os.PathLike, metadata: Mapping[str, Any]) -> Path:
     """Write ``metadata.json`` atomically (call it only when every shard is complete); returns its path."""
-    path = Path(folder) / METADATA
-    text = json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **metadata}, indent=2, default=str)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-    return path
+    return write_format_json(Path(folder) / METADATA, FORMAT, FORMAT_VERSION, dict(metadata))
 
 
 def _cat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -53,8 +53,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from safetensors.torch import save_file
 
 from mim.errors import ConfigError, UserError
-from mim.export import atomic_write, check_writable
+from mim.export import atomic_write, check_writable, read_format_json, write_format_json
 from mim.features.extract import all_gather_object
+from mim.features.store import as_json, shard_name
 from mim.sae.models import SparseCode
 
 FORMAT = "mim-latent-cache"
@@ -128,40 +129,22 @@ def id_dtype(d_sae: int) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------------------- writing
-def shard_name(rank: int, number: int) -> str:
-    """File name of shard ``number`` of ``rank``: ``rank{rank}-{number:05d}.safetensors``."""
-    return f"rank{rank}-{number:05d}.safetensors"
-
-
 def read_metadata(folder: str | os.PathLike) -> dict[str, Any] | None:
     """``metadata.json`` of a cache folder, or None when there is none (absent or incomplete cache).
 
     Raises:
         LatentCacheError: the file is not JSON, not a latent cache's, or of another format version.
     """
-    path = Path(folder) / METADATA
-    if not path.is_file():
-        return None
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise LatentCacheError(f"{path} is not readable JSON ({err}). {OVERWRITE_HINT}") from err
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise LatentCacheError(f"{path} is not the metadata of a mim latent cache. Fix: pass a latent cache folder.")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise LatentCacheError(
-            f"{path} has latent-cache format version {meta.get('format_version')}; this mim reads version "
-            f"{FORMAT_VERSION}. Fix: re-run mim predict with this version (overwrite true)."
-        )
-    return meta
+    return read_format_json(Path(folder) / METADATA, FORMAT, FORMAT_VERSION, LatentCacheError, "latent cache", (
+        OVERWRITE_HINT,
+        "Fix: pass a latent cache folder.",
+        "Fix: re-run mim predict with this version (overwrite true).",
+    ))
 
 
 def write_metadata(folder: str | os.PathLike, metadata: Mapping[str, Any]) -> Path:
     """Write ``metadata.json`` atomically (only once every shard is complete); returns its path."""
-    path = Path(folder) / METADATA
-    text = json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **metadata}, indent=2, default=str)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-    return path
+    return write_format_json(Path(folder) / METADATA, FORMAT, FORMAT_VERSION, dict(metadata))
 
 
 def clear_cache(folder: str | os.PathLike) -> None:
@@ -337,8 +320,8 @@ class LatentCacheWriter(BasePredictionWriter):
             stored = read_metadata(self.path)
             if stored is None:
                 return False
-            old = json.loads(json.dumps({k: stored.get(k) for k in self._identity}, default=str))
-            new = json.loads(json.dumps(self._identity, default=str))
+            old = as_json({k: stored.get(k) for k in self._identity})
+            new = as_json(self._identity)
             diffs = [k for k in new if old.get(k) != new[k]]
             if diffs:
                 raise LatentCacheError(
