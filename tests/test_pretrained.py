@@ -91,15 +91,20 @@ def test_pickle_files_are_refused_unread(tmp_path) -> None:
     assert not marker.exists()  # nothing was unpickled
 
 
-def test_offline_without_a_file_names_model_cache_and_fix(monkeypatch, tmp_path) -> None:
+def _replace_downloads(monkeypatch, download) -> None:
+    """Route timm's two download paths (Hugging Face hub, torch hub URL) to ``download``."""
     import timm.models._builder as builder
     import timm.models._hub as hub
 
+    monkeypatch.setattr(hub, "hf_hub_download", download)
+    monkeypatch.setattr(builder, "load_state_dict_from_url", download)
+
+
+def test_offline_without_a_file_names_model_cache_and_fix(monkeypatch, tmp_path) -> None:
     def no_network(*args, **kwargs):
         raise AssertionError("the network was asked")
 
-    monkeypatch.setattr(hub, "hf_hub_download", no_network)
-    monkeypatch.setattr(builder, "load_state_dict_from_url", no_network)
+    _replace_downloads(monkeypatch, no_network)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
@@ -113,14 +118,11 @@ def test_offline_without_a_file_names_model_cache_and_fix(monkeypatch, tmp_path)
 
 def test_download_failure_is_one_user_error(monkeypatch, tmp_path) -> None:
     import huggingface_hub.constants
-    import timm.models._builder as builder
-    import timm.models._hub as hub
 
     def down(*args, **kwargs):
         raise ConnectionError("no route to huggingface.co")
 
-    monkeypatch.setattr(hub, "hf_hub_download", down)
-    monkeypatch.setattr(builder, "load_state_dict_from_url", down)
+    _replace_downloads(monkeypatch, down)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
