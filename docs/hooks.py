@@ -1,8 +1,9 @@
 """MkDocs hook: expand ``<!-- api-modules: mim.xxx -->`` into one mkdocstrings block per module.
 
-Each marker lists the ``.py`` files directly inside the package's folder (sorted; ``__init__`` and
-names starting with ``_`` left out), so a module added to a package appears in the API reference
-without editing the page, and a docstring that fails to render fails ``mkdocs build --strict``.
+Each marker lists the ``.py`` files inside the package's folder (sorted; ``__init__`` and names starting
+with ``_`` left out), then each sub-package (its ``__init__`` first, then its modules, recursively), so a
+module added to a package appears in the API reference without editing the page, and a docstring that
+fails to render fails ``mkdocs build --strict``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ def _modules(root: Path, package: str) -> list[str]:
     if not (folder / "__init__.py").is_file():
         raise ValueError(f"api-modules: {package} is not a package under {root}")
     names = sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_"))
-    return [f"{package}.{name}" for name in names]
+    modules = [f"{package}.{name}" for name in names]
+    for sub in sorted(p.parent.name for p in folder.glob("*/__init__.py") if not p.parent.name.startswith("_")):
+        modules += [f"{package}.{sub}", *_modules(root, f"{package}.{sub}")]
+    return modules
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:  # noqa: ARG001 (MkDocs hook signature)

@@ -27,7 +27,8 @@ from mim.features import FeatureExtractor, FeatureStoreWriter
 from mim.masking import ColorNoiseMask
 from mim.methods import CAE, MAE, MixedAE, SparK
 from mim.methods.base import NonFiniteLossError
-from mim.sae.models import TopKSAE, load_sae, save_sae
+from mim.sae.models import load_sae, save_sae
+from mim.sae.variants import TopKSAE
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = REPO / "configs" / "mae" / "vit_tiny_cifar10_quick.yaml"

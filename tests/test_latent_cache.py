@@ -26,7 +26,8 @@ from mim.sae.cache import (
     write_metadata,
 )
 from mim.sae.encode import SAEEncoder, StoreImages, StoreImagesDataModule
-from mim.sae.models import MPSAE, SparseCode, TopKSAE, save_sae
+from mim.sae.models import save_sae
+from mim.sae.variants import MPSAE, SparseCode, TopKSAE
 
 REPO = Path(__file__).resolve().parents[1]
 D_SAE, K = 256, 8

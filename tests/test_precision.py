@@ -24,8 +24,8 @@ from mim.methods.cae import CAE
 from mim.methods.mixedae import MixedAE
 from mim.sae import VARIANTS, JumpReLUSAE
 from mim.sae.data import FeatureStoreDataModule
-from mim.sae.models import _JumpReLU, _Step
 from mim.sae.module import SAETraining
+from mim.sae.variants.jumprelu import _JumpReLU, _Step
 
 PRECISIONS = ["bf16-mixed", "16-mixed"]
 AUTOCAST_DTYPE = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}

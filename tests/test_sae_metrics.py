@@ -24,7 +24,7 @@ from mim.sae.metrics import (
     decoder_coherence,
     sae_metrics,
 )
-from mim.sae.models import SparseCode, TopKSAE
+from mim.sae.variants import SparseCode, TopKSAE
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from mim.sae import (
     save_sae,
 )
 from mim.sae.kernels import select_linear, sparse_decode
-from mim.sae.models import batch_variance, geometric_median
+from mim.sae.variants.base import batch_variance, geometric_median
 
 D, D_SAE, K = 192, 512, 16
 VARIANT_KWARGS = {
@@ -180,7 +180,7 @@ def test_jumprelu_threshold_learns_only_through_the_pseudo_derivative(tokens):
     # z gets no gradient from the L0 term: with the reconstruction switched off, W_enc receives none
     sae.zero_grad()
     z2 = sae.pre_acts(x_n)
-    from mim.sae.models import _Step
+    from mim.sae.variants.jumprelu import _Step
 
     _Step.apply(z2, sae.log_threshold.exp(), eps).sum().backward()
     assert sae.W_enc.grad is None or (sae.W_enc.grad == 0).all()

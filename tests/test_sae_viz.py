@@ -16,7 +16,8 @@ from PIL import Image
 from mim.errors import ConfigError
 from mim.features.store import FeatureStore, FeatureStoreError
 from mim.sae import viz
-from mim.sae.models import TopKSAE, save_sae
+from mim.sae.models import save_sae
+from mim.sae.variants import TopKSAE
 
 REPO = Path(__file__).resolve().parents[1]
 N_TOP, N_LATENTS = 5, 4

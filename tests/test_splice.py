@@ -16,9 +16,10 @@ from mim.errors import ConfigError
 from mim.eval.encoders import load_encoder_from
 from mim.features.store import FeatureStore
 from mim.sae.downstream import pool_store
-from mim.sae.models import SparseAutoencoder, SparseCode, TopKSAE, save_sae
+from mim.sae.models import save_sae
 from mim.sae.splice import capture, check_hook_point, hook_point, intervene, reference_tokens, splice
 from mim.sae.splice_eval import SpliceMetric, check_images, fit_linear_head, store_mean
+from mim.sae.variants import SparseAutoencoder, SparseCode, TopKSAE
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "sae" / "splice_vit_tiny_cifar10.yaml"

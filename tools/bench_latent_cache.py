@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from mim.sae.cache import CacheShardWriter, LatentCache, coalesce, write_metadata
-from mim.sae.models import SparseCode
+from mim.sae.variants import SparseCode
 
 
 def random_codes(n_tokens: int, k: int, d_sae: int, generator: torch.Generator) -> SparseCode:

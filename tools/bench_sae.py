@@ -40,7 +40,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from mim.sae.models import TopKSAE, batch_variance
+from mim.sae.variants import TopKSAE
+from mim.sae.variants.base import batch_variance
 
 Step = Callable[[], None]
 

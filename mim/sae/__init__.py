@@ -1,5 +1,5 @@
-"""Sparse autoencoders on frozen features: variants (:mod:`mim.sae.models`), their sparse kernels
-(:mod:`mim.sae.kernels`), the training loop (:mod:`mim.sae.module`), feature-store streaming
+"""Sparse autoencoders on frozen features: variants (:mod:`mim.sae.variants`, saved and loaded by
+:mod:`mim.sae.models`), their sparse kernels (:mod:`mim.sae.kernels`), the training loop (:mod:`mim.sae.module`), feature-store streaming
 (:mod:`mim.sae.data`), metrics (:mod:`mim.sae.metrics`), downstream probes (:mod:`mim.sae.downstream`),
 pictures of what latents respond to (:mod:`mim.sae.viz`), splicing and interventions in a frozen encoder
 (:mod:`mim.sae.splice`), the splice-in evaluation (:mod:`mim.sae.splice_eval`) and the sparse latent cache
@@ -7,9 +7,11 @@ pictures of what latents respond to (:mod:`mim.sae.viz`), splicing and intervent
 
 from mim.sae.cache import LatentCache, LatentCacheWriter
 from mim.sae.encode import SAEEncoder, StoreImagesDataModule
-from mim.sae.models import (
+from mim.sae.models import VARIANTS, load_sae, save_sae
+from mim.sae.splice import SPLICE_MODES, capture, intervene
+from mim.sae.splice_eval import SpliceEvaluation, SpliceMetric
+from mim.sae.variants import (
     MPSAE,
-    VARIANTS,
     AbsTopKSAE,
     BatchTopKSAE,
     JumpReLUSAE,
@@ -21,11 +23,7 @@ from mim.sae.models import (
     SparseCode,
     TopAFASAE,
     TopKSAE,
-    load_sae,
-    save_sae,
 )
-from mim.sae.splice import SPLICE_MODES, capture, intervene
-from mim.sae.splice_eval import SpliceEvaluation, SpliceMetric
 
 __all__ = [
     "MPSAE",

@@ -27,7 +27,7 @@ timm's row-major patch order), each token's entries sorted by latent id:
 
 Definitions (as :mod:`mim.sae.viz`): the activation ``a_j(t)`` of latent ``j`` on token ``t`` is the dense code's
 entry (``SparseCode.to_dense``): a latent that holds several slots of one token's code (matching pursuit,
-:class:`~mim.sae.models.MPSAE`, can pick an atom again) gets the **sum** of its slots, stored once. An image's
+:class:`~mim.sae.variants.MPSAE`, can pick an atom again) gets the **sum** of its slots, stored once. An image's
 **score** for ``j`` is ``max_t a_j(t)`` over its tokens; only images with a positive score are ranked.
 
 Under DDP each rank encodes an interleaved part of the store (batches ``r, r + W, ...``) in increasing image
@@ -56,7 +56,7 @@ from mim.errors import ConfigError, UserError
 from mim.export import atomic_write, check_writable, read_format_json, write_format_json
 from mim.features.extract import all_gather_object
 from mim.features.store import as_json, shard_name
-from mim.sae.models import SparseCode
+from mim.sae.variants import SparseCode
 
 FORMAT = "mim-latent-cache"
 FORMAT_VERSION = 1
@@ -84,7 +84,7 @@ def coalesce(code: SparseCode, d_sae: int) -> tuple[torch.Tensor, torch.Tensor, 
     """A padded code in CSR form: each row's active latents once, sorted by id, repeated slots summed.
 
     Args:
-        code: (N, s) padded code (:class:`~mim.sae.models.SparseCode`); slots with value 0 are inactive.
+        code: (N, s) padded code (:class:`~mim.sae.variants.SparseCode`); slots with value 0 are inactive.
         d_sae: number of latents.
 
     Returns:

@@ -33,7 +33,7 @@ from mim.features.store import FeatureStore
 from mim.sae.data import check_d_model
 
 if TYPE_CHECKING:
-    from mim.sae.models import SparseAutoencoder
+    from mim.sae.variants import SparseAutoencoder
 
 
 class PooledFeatures(NamedTuple):

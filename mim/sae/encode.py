@@ -20,8 +20,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from mim.errors import ConfigError
-from mim.features.store import IDENTITY_KEYS, TOKEN_KINDS, FeatureBatch, FeatureStore, FeatureStoreError
 from mim.eval.encoders import weights_sha256
+from mim.features.store import IDENTITY_KEYS, TOKEN_KINDS, FeatureBatch, FeatureStore, FeatureStoreError
 from mim.sae.cache import coalesce
 from mim.sae.data import check_d_model
 from mim.sae.models import load_sae

@@ -7,7 +7,7 @@ sums are accumulated in float64 whatever the input dtype.
 
 Inputs: ``x`` the store features and ``x_hat`` the SAE reconstruction (``SAEOutput.x_hat``), both
 ``(..., d_model)`` in raw feature units (leading dims are flattened to tokens); ``code`` a
-:class:`mim.sae.models.SparseCode`. A latent *fires* on a token when its code value is non-zero
+:class:`mim.sae.variants.SparseCode`. A latent *fires* on a token when its code value is non-zero
 (negative values of AbsTopK count); a latent repeated in a row (ids add up) fires once on that token.
 
 Lightning: :func:`sae_metrics` builds a ``MetricCollection``; call ``update(x=x, x_hat=x_hat, code=code)``
@@ -27,7 +27,7 @@ from torchmetrics import Metric, MetricCollection
 from mim.errors import ConfigError
 
 if TYPE_CHECKING:
-    from mim.sae.models import SparseCode
+    from mim.sae.variants import SparseCode
 
 #: Default firing-frequency threshold above which a latent counts as dense: 10 % of tokens, SAEBench's
 #: ``freq_over_10_percent`` (Karvonen et al. 2025, arXiv 2503.09532, core evaluation) and the "fires on

@@ -12,11 +12,11 @@ from mim.features.store import MULTI_TOKEN_KINDS, FeatureBatch, FeatureStore
 from mim.sae.data import FeatureStoreDataModule, check_d_model
 from mim.sae.downstream import downstream_probe
 from mim.sae.metrics import decoder_coherence, sae_metrics
-from mim.sae.models import SparseAutoencoder
+from mim.sae.variants import SparseAutoencoder
 
 
 class SAETraining(L.LightningModule):
-    """Train a :class:`~mim.sae.models.SparseAutoencoder` on feature-store batches (``FeatureStoreDataModule``).
+    """Train a :class:`~mim.sae.variants.SparseAutoencoder` on feature-store batches (``FeatureStoreDataModule``).
 
     Recipe (shared by all variants; Gao et al. 2024, arXiv 2406.04093, Sec. 2 and App. A; Conerly et al. 2024,
     "April update"; dictionary_learning's trainers):
@@ -46,7 +46,7 @@ class SAETraining(L.LightningModule):
 
     Mixed precision: ``--trainer.precision bf16-mixed`` (or ``16-mixed`` on a GPU) runs the training and
     validation steps under autocast; the SAE keeps float32 parameters, buffers, thresholds and losses (see
-    :class:`~mim.sae.models.SparseAutoencoder`), the validation metrics accumulate in float64.
+    :class:`~mim.sae.variants.SparseAutoencoder`), the validation metrics accumulate in float64.
 
     Raises:
         ConfigError (at construction): ``lr <= 0``, ``betas`` outside ``[0, 1)``, ``eps <= 0``,

@@ -53,10 +53,10 @@ from torch import Tensor, nn
 
 from mim.errors import ConfigError
 from mim.sae.kernels import sparse_decode
-from mim.sae.models import SparseCode
+from mim.sae.variants import SparseCode
 
 if TYPE_CHECKING:
-    from mim.sae.models import SparseAutoencoder
+    from mim.sae.variants import SparseAutoencoder
 
 #: Replacements :func:`splice` knows (module docstring).
 SPLICE_MODES = ("recon", "zero", "mean", "random")
@@ -241,7 +241,7 @@ def splice_fn(
 
     Args:
         mode: ``"recon"``, ``"zero"``, ``"mean"`` or ``"random"``.
-        sae: any module with ``encode`` / ``decode`` (:class:`~mim.sae.models.SparseAutoencoder`); needed by
+        sae: any module with ``encode`` / ``decode`` (:class:`~mim.sae.variants.SparseAutoencoder`); needed by
             ``"recon"`` and ``"random"``; rows are encoded in float32.
         mean: ``(d,)`` activation mean, needed by ``"mean"``.
         generator: random stream of ``"random"`` (on the rows' device); default: torch's global one.

@@ -40,7 +40,7 @@ from mim.export import atomic_write
 from mim.features.store import FeatureStore, FeatureStoreError
 from mim.sae.cache import LatentCache, merge_slots
 from mim.sae.data import check_d_model
-from mim.sae.models import SparseAutoencoder
+from mim.sae.variants import SparseAutoencoder
 
 #: Latent selection modes of :func:`select_latents` (besides explicit ids).
 SELECT_MODES = ("frequent", "selective")

@@ -1,0 +1,319 @@
+"""The base every SAE variant shares: code and loss containers, the parameters, input normalisation, sparse
+decoding, initialisation, dead-latent bookkeeping and the unit-norm decoder constraint (notation:
+:mod:`mim.sae.variants`)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mim.errors import ConfigError, UserError
+from mim.sae.kernels import sparse_decode
+
+
+class SparseCode(NamedTuple):
+    """A batch of sparse codes in padded-row form.
+
+    Attributes:
+        values: (N, s) float; exactly 0 in unused slots; negative only for :class:`AbsTopKSAE`.
+        indices: (N, s) int64 latent ids in ``[0, d_sae)``; an unused slot holds any valid id.
+    """
+
+    values: torch.Tensor
+    indices: torch.Tensor
+
+    def to_dense(self, d_sae: int) -> torch.Tensor:
+        """The code as a dense (N, d_sae) tensor (repeated ids, as matching pursuit makes, add up)."""
+        dense = self.values.new_zeros(self.values.shape[0], d_sae)
+        return dense.scatter_add_(1, self.indices, self.values)
+
+    def _distinct(self, d_sae: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row-sorted ids with inactive slots as ``d_sae``, and the mask of each row's distinct active ids."""
+        ids = self.indices.masked_fill(self.values == 0, d_sae).sort(dim=1).values
+        first = torch.ones_like(ids, dtype=torch.bool)
+        first[:, 1:] = ids[:, 1:] != ids[:, :-1]
+        return ids, first & (ids < d_sae)
+
+    def l0(self) -> torch.Tensor:
+        """(N,) int64: active latents per row (a latent in several slots, as matching pursuit makes, counts once)."""
+        return self._distinct(torch.iinfo(torch.long).max)[1].sum(dim=1)
+
+    def fired(self, d_sae: int) -> torch.Tensor:
+        """(d_sae,) int64: in how many rows each latent is active."""
+        ids, keep = self._distinct(d_sae)
+        return torch.bincount(ids[keep], minlength=d_sae)
+
+
+class SAEOutput(NamedTuple):
+    """``x_hat`` (N, d_model) in the input's units and the ``code`` that made it."""
+
+    x_hat: torch.Tensor
+    code: SparseCode
+
+
+class SAELoss(NamedTuple):
+    """One training step's result (normalised units).
+
+    Attributes:
+        loss: scalar to minimise.
+        terms: scalar parts for logging (``mse``, ``fvu``, ``auxk``, ``l1``, ``l0_penalty``, ...).
+        x_hat: (N, d_model) reconstruction of ``x_n``.
+        fired: (d_sae,) int64 tokens of the batch on which each latent was active.
+        l0: scalar float, mean active latents per token.
+    """
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor]
+    x_hat: torch.Tensor
+    fired: torch.Tensor
+    l0: torch.Tensor
+
+
+def geometric_median(points: torch.Tensor, iterations: int = 50, eps: float = 1e-8) -> torch.Tensor:
+    """Geometric median of ``points`` (n, d) by Weiszfeld's iterations (in float64), started at the mean.
+
+    The point minimising the sum of Euclidean distances; what Gao et al. 2024 (App. A.1) initialise ``b_dec`` to.
+    """
+    pts = points.double()
+    median = pts.mean(0)
+    for _ in range(iterations):
+        weights = 1.0 / (pts - median).norm(dim=1).clamp_min(eps)
+        new = (weights[:, None] * pts).sum(0) / weights.sum()
+        if (new - median).norm() <= 1e-7 * median.norm().clamp_min(1.0):
+            median = new
+            break
+        median = new
+    return median.to(points.dtype)
+
+
+def squared_error(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """``E ||x - x_hat||^2`` over a batch (N, d): squared error summed over dimensions, mean over rows."""
+    return (x_hat - x).pow(2).sum(-1).mean()
+
+
+def batch_variance(x: torch.Tensor) -> torch.Tensor:
+    """``sum ||x - mean(x)||^2 / N`` over a batch (N, d): the total variance around the per-dimension mean.
+
+    Under DDP (an initialised process group of more than one rank) the batch is that of all ranks together
+    (counts, sums and sums of squares all-reduced in float64, no gradient: ``x`` is data or a detached
+    residual), so every rank normalises its loss alike and 2 ranks of ``B`` rows take the step of one process
+    of ``2B``. Every rank must then call it equally often (a collective).
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return (x - x.mean(0)).pow(2).sum(-1).mean()
+    with torch.no_grad():
+        x64 = x.detach().double()
+        stats = torch.cat([x64.sum(0), x64.pow(2).sum().view(1), x64.new_tensor([x.shape[0]])])
+        dist.all_reduce(stats)
+        count = stats[-1].clamp_min(1)
+        mean = stats[:-2] / count
+        return (stats[-2] / count - mean.pow(2).sum()).clamp_min(0).to(x.dtype)
+
+
+def support_code(f: torch.Tensor, support: torch.Tensor) -> SparseCode:
+    """Padded code of the entries of ``f`` (N, d_sae) where ``support`` (N, d_sae) bool is set (``s`` = the
+    largest row count); values are ``f`` there (zeros allowed), gradients flow to ``f`` at every support entry."""
+    width = int(support.sum(1).max()) if support.numel() else 0
+    indices = support.to(f.dtype).topk(width, dim=1, sorted=False).indices
+    return SparseCode(f.gather(1, indices) * support.gather(1, indices), indices)
+
+
+def threshold_code(z: torch.Tensor, threshold: torch.Tensor | float) -> SparseCode:
+    """The code ``z * (z > threshold)`` in padded form, gradients to ``z`` at the active entries."""
+    return support_code(z, z.detach() > threshold)
+
+
+def _check(ok: bool, name: str, value: Any, rule: str, fix: str) -> None:
+    """Raise :class:`ConfigError` "``name`` must ``rule``, got ``value``. Fix: ``fix``", naming the SAE config key
+    (``--model.init_args.sae.init_args.<name>``) unless ``ok``. Comparisons with NaN are false, so NaN fails."""
+    if not ok:
+        raise ConfigError(
+            f"SAE {name} must {rule}, got {value!r}. Fix: {fix} (--model.init_args.sae.init_args.{name})."
+        )
+
+
+def _check_positive(name: str, value: float, integer: bool = False) -> None:
+    """``value > 0`` (``>= 1`` for counts) or :class:`ConfigError`."""
+    if integer:
+        _check(value >= 1, name, value, "be positive (an integer >= 1)", f"set {name} to a positive integer")
+    else:
+        _check(value > 0, name, value, "be positive (> 0)", f"set {name} to a positive number")
+
+
+def _check_non_negative(name: str, value: float) -> None:
+    """``value >= 0`` or :class:`ConfigError`."""
+    _check(value >= 0, name, value, "be >= 0", f"set {name} >= 0 (0 turns the term off)")
+
+
+def _without_autocast(device: torch.device) -> Any:
+    """A context in which autocast is off on ``device`` (ops run in their inputs' dtype)."""
+    return torch.autocast(device.type, enabled=False)
+
+
+class SparseAutoencoder(nn.Module):
+    """Base of every variant: parameters, normalisation, decoding, initialisation and the decoder constraint.
+
+    A variant implements :meth:`code` (the inference code of normalised inputs) and :meth:`loss` (a training
+    step). Public methods take raw features (the store's units) unless their name says ``_n``.
+
+    Args:
+        d_model: input width ``d`` (must equal the feature store's).
+        d_sae: number of latents (dictionary size).
+        dead_tokens: a latent is dead after this many training tokens without firing (Gao et al. 2024,
+            Sec. 2.4: 10M tokens).
+
+    Mixed precision (``--trainer.precision bf16-mixed`` / ``16-mixed``): parameters and buffers stay float32;
+    under autocast the encoder matmul runs in the autocast dtype for the ranking variants (TopK, AbsTopK,
+    TopAFA, MP, ReLU: a rounded ``z`` changes which latents win only at near-ties), but in float32 wherever ``z``
+    is compared with a learned or estimated threshold (BatchTopK / Matryoshka, JumpReLU: see
+    :meth:`pre_acts`). Decoding (:func:`~mim.sae.kernels.sparse_decode`) and the losses run in float32.
+
+    Raises:
+        ConfigError: a ``d_model``, ``d_sae`` or ``dead_tokens`` below 1.
+    """
+
+    #: decoder rows kept at unit norm, the gradient's parallel component removed (Gao et al. App. A.1)
+    unit_norm_decoder: ClassVar[bool] = True
+    #: whether the variant has its own encoder (matching pursuit uses the decoder)
+    has_encoder: ClassVar[bool] = True
+    #: whether a code row never holds a latent twice (matching pursuit may pick an atom again)
+    distinct_ids: ClassVar[bool] = True
+
+    def __init__(self, d_model: int, d_sae: int, dead_tokens: int = 10_000_000) -> None:
+        super().__init__()
+        for name, value in (("d_model", d_model), ("d_sae", d_sae), ("dead_tokens", dead_tokens)):
+            _check_positive(name, value, integer=True)
+        self.d_model, self.d_sae, self.dead_tokens = d_model, d_sae, dead_tokens
+        self.W_dec = nn.Parameter(torch.empty(d_sae, d_model))
+        self.b_dec = nn.Parameter(torch.zeros(d_model))
+        if self.has_encoder:
+            self.W_enc = nn.Parameter(torch.empty(d_sae, d_model))
+            self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.register_buffer("input_scale", torch.tensor(1.0))
+        self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.long))
+        self.reset_parameters()
+
+    # ----------------------------------------------------------------------------------------------- set-up
+    def init_args(self) -> dict[str, Any]:
+        """The constructor arguments (what :func:`save_sae` writes to the JSON config)."""
+        import inspect
+
+        names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
+        return {name: getattr(self, name) for name in names}
+
+    def decoder_init_norm(self) -> float:
+        """Norm of the decoder rows at initialisation (1 for unit-norm variants)."""
+        return 1.0
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Random unit directions for the decoder rows (scaled to :meth:`decoder_init_norm`), the encoder as
+        their transpose, zero biases, scale 1. Data-dependent parts come from :meth:`initialize`."""
+        nn.init.kaiming_uniform_(self.W_dec, a=math.sqrt(5))
+        self.W_dec.mul_(self.decoder_init_norm() / self.W_dec.norm(dim=1, keepdim=True))
+        self.b_dec.zero_()
+        if self.has_encoder:
+            self.W_enc.copy_(self.W_dec)
+            self.b_enc.zero_()
+
+    @torch.no_grad()
+    def initialize(self, sample: torch.Tensor) -> None:
+        """Fit the input scale (``E||x_n|| = sqrt(d_model)``) and ``b_dec`` (geometric median of the normalised
+        sample) on ``sample`` (n, d_model) raw features; marks the SAE initialised.
+
+        Raises:
+            UserError: a sample with another width, or non-finite values.
+        """
+        sample = sample.detach().float().to(self.W_dec.device)
+        if sample.ndim != 2 or sample.shape[1] != self.d_model or not len(sample):
+            raise UserError(f"SAE initialisation needs a (n, {self.d_model}) sample, got {tuple(sample.shape)}.")
+        if not torch.isfinite(sample).all():
+            raise UserError("The SAE initialisation sample holds NaN/Inf features. Fix: re-extract the store.")
+        mean_norm = sample.norm(dim=1).mean()
+        self.input_scale.fill_(math.sqrt(self.d_model) / float(mean_norm.clamp_min(1e-12)))
+        self.b_dec.copy_(geometric_median(sample * self.input_scale))
+        self.initialized.fill_(True)
+
+    # ------------------------------------------------------------------------------------------- inference
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw features (N, d_model) -> the normalised ``x_n`` the SAE works on."""
+        return x.to(self.W_dec.dtype) * self.input_scale
+
+    def pre_acts(self, x_n: torch.Tensor, fp32: bool = False) -> torch.Tensor:
+        """Dense pre-activations ``z = W_enc (x_n - b_dec) + b_enc``: (N, d_sae).
+
+        Under autocast the matmul runs in the autocast dtype (bf16 / fp16), unless ``fp32``: then autocast is
+        off and ``z`` is float32. The threshold variants need that: bf16 keeps 8 significant bits, so near
+        ``z = 0.7`` its values are 0.0039 apart, wider than JumpReLU's whole pseudo-derivative window
+        (bandwidth 0.001), which then holds no ``z`` and gives the threshold no gradient; and a threshold
+        estimated from, or compared with, rounded ``z`` is off by up to 0.4 %.
+        """
+        if not fp32:
+            return F.linear(x_n - self.b_dec, self.W_enc, self.b_enc)
+        with _without_autocast(x_n.device):
+            return F.linear(x_n.float() - self.b_dec.float(), self.W_enc.float(), self.b_enc.float())
+
+    def code(self, x_n: torch.Tensor) -> SparseCode:
+        """The inference code of normalised inputs ``x_n`` (N, d_model)."""
+        raise NotImplementedError
+
+    def decode_n(self, code: SparseCode) -> torch.Tensor:
+        """``x_hat_n = W_dec^T f + b_dec`` (normalised units), decoding only the active latents."""
+        return sparse_decode(code.values, code.indices, self.W_dec) + self.b_dec
+
+    def encode(self, x: torch.Tensor) -> SparseCode:
+        """Sparse codes of raw features ``x`` (N, d_model)."""
+        return self.code(self.normalize(x))
+
+    def decode(self, code: SparseCode) -> torch.Tensor:
+        """Reconstruction (N, d_model) in the raw features' units."""
+        return self.decode_n(code) / self.input_scale
+
+    def forward(self, x: torch.Tensor) -> SAEOutput:
+        """Encode and decode raw features ``x`` (N, d_model)."""
+        code = self.encode(x)
+        return SAEOutput(self.decode(code), code)
+
+    # -------------------------------------------------------------------------------------------- training
+    def loss(self, x_n: torch.Tensor) -> SAELoss:
+        """One training step's loss on normalised inputs ``x_n`` (N, d_model)."""
+        raise NotImplementedError
+
+    def _result(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], x_hat: torch.Tensor,
+                code: SparseCode) -> SAELoss:
+        """The :class:`SAELoss` of a step (``terms`` must hold ``mse``), with the firing counts of ``code``."""
+        if self.distinct_ids:  # no id twice in a row: count active slots directly (no sort)
+            active = code.values != 0
+            fired, l0 = torch.bincount(code.indices[active], minlength=self.d_sae), active.sum(1)
+        else:
+            fired, l0 = code.fired(self.d_sae), code.l0()
+        return SAELoss(loss, terms, x_hat, fired, l0.float().mean())
+
+    def dead_latents(self) -> torch.Tensor:
+        """(d_sae,) bool: latents that have not fired for ``dead_tokens`` training tokens."""
+        return self.tokens_since_fired >= self.dead_tokens
+
+    @torch.no_grad()
+    def update_firing(self, fired: torch.Tensor, tokens: int) -> None:
+        """Dead-latent bookkeeping after a step: ``fired`` (d_sae,) counts over ``tokens`` tokens (all ranks)."""
+        self.tokens_since_fired.add_(tokens).masked_fill_(fired > 0, 0)
+
+    @torch.no_grad()
+    def remove_parallel_grad_(self) -> None:
+        """Drop the component of each decoder row's gradient parallel to the row (call before the optimizer
+        step; with :meth:`normalize_decoder_` after it, the unit-norm constraint of Gao et al. App. A.1)."""
+        if self.unit_norm_decoder and self.W_dec.grad is not None:
+            unit = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            self.W_dec.grad.sub_((self.W_dec.grad * unit).sum(1, keepdim=True) * unit)
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Project the decoder rows back to unit norm (after the optimizer step)."""
+        if self.unit_norm_decoder:
+            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
