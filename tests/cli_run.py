@@ -22,17 +22,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_mim(*args: str, timeout: float = 300, env: dict[str, str] | None = None, cwd: Path | None = None,
-            check: bool = True) -> subprocess.CompletedProcess:
-    """``python -m mim.cli *args`` in its own process group; past ``timeout`` seconds the whole group (DDP's
-    rank processes included) is killed and the test fails, so a hang never stalls CI. With ``check`` a
-    non-zero exit fails the test with the end of stderr."""
+def start_mim(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen:
+    """Start ``python -m mim.cli *args`` in its own process group (stdout and stderr captured)."""
     full_env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONUNBUFFERED": "1"}
     if "ddp" in args:  # one torch thread per rank process: 2 ranks share the 2 cores of the CI machine
         full_env["OMP_NUM_THREADS"] = "1"
     full_env.update(env or {})
-    proc = subprocess.Popen([sys.executable, "-m", "mim.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "mim.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=full_env, cwd=cwd or REPO, start_new_session=True)
+
+
+def finish_mim(proc: subprocess.Popen, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """Wait for a :func:`start_mim` process; past ``timeout`` seconds the whole group (DDP's rank processes
+    included) is killed and the test fails, so a hang never stalls CI. With ``check`` a non-zero exit fails the
+    test with the end of stderr."""
+    args = proc.args[3:]
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -48,3 +52,9 @@ def run_mim(*args: str, timeout: float = 300, env: dict[str, str] | None = None,
     if check and res.returncode != 0:
         pytest.fail(f"mim {' '.join(args)} exited with {res.returncode}:\n{err[-4000:]}")
     return res
+
+
+def run_mim(*args: str, timeout: float = 300, env: dict[str, str] | None = None, cwd: Path | None = None,
+            check: bool = True) -> subprocess.CompletedProcess:
+    """``python -m mim.cli *args``, waited for as :func:`finish_mim` says."""
+    return finish_mim(start_mim(*args, env=env, cwd=cwd), timeout=timeout, check=check)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cli_run import REPO, run_mim
+from cli_run import REPO, finish_mim, run_mim, start_mim
 
 TESTS = Path(__file__).resolve().parent
 
@@ -48,11 +48,13 @@ def _metrics(tmp: Path, name: str) -> dict[tuple[str, int], float]:
 
 
 def _check_resume(tmp_path: Path, source: Path, edit, kill_at: int, shared_data: Path, compare: tuple[str, ...]) -> None:
-    env = {"MIM_DATA": str(shared_data), "PYTHONPATH": str(TESTS)}
-    whole = tmp_path / "whole"
-    run_mim("fit", "-c", str(_config(source, whole, "m", None, edit)), env=env)
-    cut = tmp_path / "cut"
-    killed = run_mim("fit", "-c", str(_config(source, cut, "m", kill_at, edit)), env=env, check=False)
+    # one torch thread in every run (sums in the same order); the uninterrupted and the killed run side by side
+    env = {"MIM_DATA": str(shared_data), "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    runs = [start_mim("fit", "-c", str(_config(source, whole, "m", None, edit)), env=env),
+            start_mim("fit", "-c", str(_config(source, cut, "m", kill_at, edit)), env=env)]
+    finish_mim(runs[0])
+    killed = finish_mim(runs[1], check=False)
     assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL: no clean-up ran
     run_mim("fit", "-c", str(_config(source, cut, "m", None, edit)), "--ckpt_path", "last", env=env)
     expected, got = _metrics(whole, "m"), _metrics(cut, "m")
