@@ -24,7 +24,14 @@ from mim.data.datasets import (
     targets_of,
 )
 from mim.data.resumable import ResumableSampler, SampleRNG, batches_done
-from mim.data.transforms import CROP_MODES, IMAGENET_CROP_PCT, INTERPOLATIONS, eval_transform, train_transform
+from mim.data.transforms import (
+    CROP_MODES,
+    IMAGENET_CROP_PCT,
+    INTERPOLATIONS,
+    TimmAutoAugment,
+    eval_transform,
+    train_transform,
+)
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +115,9 @@ class ImageDataModule(L.LightningDataModule):
         skip_bad_images: ImageFolder trees: decode every file at setup and drop unreadable ones
             (a warning names them) instead of failing with ``BadImageError`` mid-epoch.
         crop_scale: area range of the train random resized crop (MAE: (0.2, 1.0)).
+        auto_augment: timm AutoAugment config of the train split, e.g. ``rand-m9-mstd0.5-inc1`` (RandAugment, as
+            MAE / BEiT fine-tuning; :class:`~mim.data.transforms.TimmAutoAugment`); None: none.
+        reprob: random-erasing probability of the train split (MAE fine-tuning: 0.25); 0: none.
         eval_crop_pct: center-crop fraction of the eval transform; None: an adopted encoder's, else 1.0
             when the native image size equals ``img_size`` (CIFAR at 32 px), else 0.875 (ImageNet convention).
         mean, std: per-channel RGB normalization in [0, 1] units; None: an adopted encoder's, else the
@@ -150,6 +160,8 @@ class ImageDataModule(L.LightningDataModule):
         download: bool = False,
         skip_bad_images: bool = False,
         crop_scale: tuple[float, float] = (0.2, 1.0),
+        auto_augment: str | None = None,
+        reprob: float = 0.0,
         eval_crop_pct: float | None = None,
         mean: tuple[float, float, float] | None = None,
         std: tuple[float, float, float] | None = None,
@@ -188,6 +200,13 @@ class ImageDataModule(L.LightningDataModule):
             raise ConfigError("Set either fraction or limit_per_class, not both")
         if len(crop_scale) != 2 or not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
             raise ConfigError(f"crop_scale must be (min, max) with 0 < min <= max <= 1, got {crop_scale}")
+        if not 0.0 <= reprob <= 1.0:
+            raise ConfigError(f"reprob (random erasing) must be in [0, 1], got {reprob}. Fix: e.g. 0.25, or 0 for none.")
+        if auto_augment:
+            try:
+                TimmAutoAugment(auto_augment, 32, (0.5, 0.5, 0.5))
+            except ValueError as err:
+                raise ConfigError(f"{err}. Fix: set --data.init_args.auto_augment to such a string or null.") from err
         if eval_crop_pct is not None and not 0.0 < eval_crop_pct <= 1.0:
             raise ConfigError(f"eval_crop_pct must be in (0, 1] or null (auto), got {eval_crop_pct}")
         for arg, value in (("mean", mean), ("std", std)):
@@ -305,7 +324,8 @@ class ImageDataModule(L.LightningDataModule):
         if not self.hparams.train_augment:
             return self._eval_transform()
         tf = train_transform(self.img_size, self.mean, self.std, scale=tuple(self.hparams.crop_scale),
-                             interpolation=self.interpolation)
+                             interpolation=self.interpolation, auto_augment=self.hparams.auto_augment,
+                             reprob=self.hparams.reprob)
         if self._train_seed is None:
             self._train_seed = int(torch.randint(2**31, ()))  # follows seed_everything in the main process
         tf.set_random_seed(self._train_seed)

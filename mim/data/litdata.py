@@ -496,7 +496,8 @@ def setup_litdata(dm: Any, wants_train: bool) -> None:
     common = {"return_index": hp.return_index, "seed": seed}
     if "train" in want:
         augment = bool(hp.train_augment)
-        tf = train_transform(dm.img_size, dm.mean, dm.std, scale=tuple(hp.crop_scale)) if augment else evaluation
+        tf = train_transform(dm.img_size, dm.mean, dm.std, scale=tuple(hp.crop_scale), interpolation=dm.interpolation,
+                             auto_augment=hp.auto_augment, reprob=hp.reprob) if augment else evaluation
         dm.train_set = ImageStreamingDataset(
             dirs["train"], tf, augment=augment, aug_seed=seed, shuffle=True, drop_last=True,
             classes=metas["train"]["classes"], **common,
