@@ -156,7 +156,7 @@ def train_transform(
     auto_augment: str | None = None,
     reprob: float = 0.0,
 ) -> A.Compose:
-    """Training augmentation: random resized crop + horizontal flip [+ RandAugment] [+ random erasing] + normalize.
+    """Training augmentation: random resized crop, horizontal flip, optional RandAugment and random erasing, normalize.
 
     Pretraining (the default): He et al., "Masked Autoencoders Are Scalable Vision Learners", 2021
     (arXiv 2111.06377), Sec. A.1 and the official ``main_pretrain.py``:
