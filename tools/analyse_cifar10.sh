@@ -4,7 +4,7 @@
 #   1. features of 3 blocks in one pass, float16, through the `pretrained:` source with a local weights file
 #   2. a TopK SAE per block
 #   3. splice-in evaluation of each SAE (accuracy recovered, KL) -> a markdown table
-#   4. the sparse latent cache of one SAE on the val images, and the gallery read from it
+#   4. the sparse latent cache of one SAE on the val images, the gallery read from it, and the latent explorer site
 #
 #   bash tools/analyse_cifar10.sh runs/mae_vit_tiny_cifar10_quick/lightning_logs/version_0/encoder.safetensors
 #
@@ -66,6 +66,8 @@ mim predict -c configs/sae/latent_cache_vit_tiny_cifar10.yaml \
   --data.init_args.store "$OUT/features/val/layer_$MID" --trainer.callbacks.init_args.path "$OUT/cache/layer_$MID"
 python tools/sae_gallery.py --cache "$OUT/cache/layer_$MID" --store "$OUT/features/val/layer_$MID" \
   --select selective --n-latents 8 --out "$OUT/gallery/layer_$MID"
-stamp "cache + gallery"
+mim-explore --sae "$OUT/sae/layer_$MID/lightning_logs/version_0/sae.safetensors" --store "$OUT/features/val/layer_$MID" \
+  --cache "$OUT/cache/layer_$MID" --out "$OUT/explore/layer_$MID"
+stamp "cache + gallery + explorer"
 
 python tools/analysis_table.py "$OUT" $LAYERS
