@@ -3,9 +3,12 @@
 :class:`FeatureStoreDataModule` streams the rows of a feature store (``mim/features/store.py``): with
 ``tokens="patch"`` every patch token of every image is one row (``count x L`` rows, ``L = h x w`` of the store's
 ``patch_grid``), with ``"register"`` every register token (``count x R`` rows), with ``"cls"`` / ``"pooled"`` /
-``"mean"`` every image is one row. Batches are :class:`FeatureBatch` ``(features (B, d_model) float32, labels (B,)
-int64, indices (B,) int64)``: a float16 / bfloat16 store is read as stored and converted to float32 batch by batch;
-labels and image indices repeat once per token.
+``"mean"`` every image is one row. Batches are :class:`FeatureBatch` ``(features (B, d_model), labels (B,) int64,
+indices (B,) int64)``, labels and image indices repeated once per token. The features keep the store's dtype
+(float16 / bfloat16 / float32) through the DataLoader, into pinned host memory when the trainer runs on a CUDA
+device (``pin_memory``), and across the host-to-device copy (half the bytes of float32); the data module's
+``on_after_batch_transfer`` casts them to float32 on the device, so every LightningModule gets float32 features
+with the same values as a float32 read.
 
 High-norm tokens. A store extracted with a high-norm filter (``FeatureExtractor(high_norm_factor=...)``) flags
 artefact patch tokens; with ``skip_high_norm`` (the default) they are left out of the patch rows, so a pass gives
@@ -121,8 +124,9 @@ class FeatureStoreDataset(IterableDataset):
         skip_high_norm: leave out patch tokens flagged as high-norm by the extraction (if it flagged any).
 
     ``len()`` is the number of batches this rank yields per pass (all its workers together).
-    Yields :class:`FeatureBatch` with ``features`` (B, d_model) float32 (converted from the store's dtype),
-    ``labels`` and ``indices`` (B,) int64, each a tensor of its own (not a view of a shuffle buffer).
+    Yields :class:`FeatureBatch` with ``features`` (B, d_model) in the store's dtype (not converted: the data
+    module casts on the device), ``labels`` and ``indices`` (B,) int64, each a tensor of its own (not a view of a
+    shuffle buffer).
     """
 
     def __init__(
@@ -176,7 +180,7 @@ class FeatureStoreDataset(IterableDataset):
             skip_high_norm=self.skip_high_norm,
         )
         for batch in stream:
-            yield FeatureBatch(batch.features.to(torch.float32, copy=True), batch.labels.clone(), batch.indices.clone())
+            yield FeatureBatch(batch.features.clone(), batch.labels.clone(), batch.indices.clone())
 
 
 class _EpochDataLoader(DataLoader):
@@ -216,6 +220,8 @@ class FeatureStoreDataModule(L.LightningDataModule):
         skip_high_norm: leave the patch tokens that the extraction flagged as high-norm artefacts
             (``FeatureExtractor(high_norm_factor=...)``) out of training and validation; no effect on a store
             without flags.
+        pin_memory: put the batches in page-locked host memory (faster, asynchronous copies to the GPU); None:
+            when the trainer's device is a CUDA device.
 
     After :meth:`setup`: ``d_model``, ``train_metadata`` (the training store's ``metadata.json`` plus its
     ``path``), ``tokens_per_epoch`` (rows of the training store per pass, all ranks) and ``steps_per_epoch``
@@ -244,6 +250,7 @@ class FeatureStoreDataModule(L.LightningDataModule):
         check_finite: bool = True,
         num_workers: int = 0,
         skip_high_norm: bool = True,
+        pin_memory: bool | None = None,
     ) -> None:
         super().__init__()
         if tokens not in TOKEN_KINDS:
@@ -259,6 +266,7 @@ class FeatureStoreDataModule(L.LightningDataModule):
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.buffer_shards, self.seed, self.drop_last = buffer_shards, seed, drop_last
         self.check_finite, self.num_workers, self.skip_high_norm = check_finite, num_workers, skip_high_norm
+        self.pin_memory = pin_memory
         self.train: FeatureStore | None = None
         self.val: FeatureStore | None = None
         self._resume: dict[str, int] | None = None  # training position from a checkpoint (load_state_dict)
@@ -387,9 +395,26 @@ class FeatureStoreDataModule(L.LightningDataModule):
             check_finite=self.check_finite, rank=rank, world_size=world, skip_high_norm=self.skip_high_norm,
         )
 
+    def _pin(self) -> bool:
+        """Whether to pin batches: ``pin_memory``, or (None) whether the trainer's device is a CUDA device."""
+        if self.pin_memory is not None:
+            return bool(self.pin_memory)
+        trainer = self.trainer
+        return trainer is not None and trainer.strategy.root_device.type == "cuda" and torch.cuda.is_available()
+
     def _loader(self, dataset: FeatureStoreDataset, train: bool = False) -> DataLoader:
         position = self._train_position if train else self._epoch
-        return _EpochDataLoader(dataset, position, batch_size=None, num_workers=self.num_workers)
+        return _EpochDataLoader(dataset, position, batch_size=None, num_workers=self.num_workers,
+                                pin_memory=self._pin())
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Cast a batch's features to float32 on the device (after the copy in the store's dtype).
+
+        Lightning calls this hook of the data module (in place of the LightningModule's) after moving a batch
+        to the device, for training, validation and prediction alike."""
+        if isinstance(batch, FeatureBatch) and batch.features.dtype != torch.float32:
+            batch = batch._replace(features=batch.features.float())
+        return batch
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches of this rank (a new order each epoch; resumes mid-epoch exactly)."""

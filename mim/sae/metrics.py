@@ -17,6 +17,7 @@ with keywords (the collection gives each metric the arguments its ``update`` nam
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -34,6 +35,13 @@ if TYPE_CHECKING:
 #: more than 10 % of tokens" high-frequency latents of Rajamanoharan et al. 2024 (JumpReLU SAEs,
 #: arXiv 2407.14435, Sec. 5).
 DENSE_THRESHOLD = 0.1
+
+#: SAEBench's second density cut: ``freq_over_1_percent`` is the fraction of latents firing on more than 1 % of
+#: tokens (Karvonen et al. 2025, core evaluation, ``calculate_misc_metrics``).
+FREQ_1_PERCENT = 0.01
+
+#: SAEBench's guard of the L2 ratio: an input norm below this is replaced by 1 before dividing.
+L2_RATIO_MIN_NORM = 1e-4
 
 
 def _tokens(x: Tensor, x_hat: Tensor, who: str, d_model: int | None = None) -> tuple[Tensor, Tensor]:
@@ -64,6 +72,15 @@ class FractionOfVarianceUnexplained(Metric):
 
     The denominator is computed from streaming sums as ``sum_j (S2_j - S1_j^2 / n)`` (``S1``, ``S2``:
     per-dimension sums of x and x^2, float64), so chunked and DDP updates give the one-pass result.
+
+    Other libraries' "explained variance" (``1 - FVU`` here, :class:`ExplainedVariance`): SAELens' training
+    log ``metrics/explained_variance`` (``sae_lens/training/sae_trainer.py``) is the same ratio over one
+    training batch (``mu`` that batch's mean), its ``explained_variance_legacy`` the mean over tokens of the
+    per-token ratio ``1 - ||x_i - x_hat_i||^2 / ||x_i - mu||^2``; SAEBench's core ``explained_variance`` was
+    that per-token mean per batch too. dictionary_learning's ``frac_variance_explained``
+    (``dictionary_learning/evaluation.py``) is ``1 - sum_j Var(x - x_hat)_j / sum_j Var(x)_j`` on one batch:
+    the residual is centred on its *own* mean, so a constant offset of the reconstructions costs nothing
+    there and counts here.
 
     Args:
         d_model: feature width ``d`` (states are sized at construction).
@@ -288,18 +305,83 @@ class RelativeReconstructionBias(Metric):
         return self.x_hat_sq_sum / self.x_hat_dot_x_sum
 
 
+class L2Ratio(Metric):
+    """Mean over tokens of the norm ratio ``||x_hat_i|| / ||x_i||``, streaming (a float64 sum and a count).
+
+    SAEBench's ``l2_ratio`` (Karvonen et al. 2025, arXiv 2503.09532; ``sae_bench/evals/core/main.py``,
+    ``get_sparsity_and_variance_metrics``): the ratio is taken per token and then averaged over tokens (not
+    ``E||x_hat|| / E||x||``), and a token with ``||x|| < 1e-4`` is divided by 1 instead
+    (:data:`L2_RATIO_MIN_NORM`). dictionary_learning's ``l2_ratio`` is the same per-token mean without the guard.
+    Below 1: the reconstructions are shorter than the inputs (shrinkage); compare
+    :class:`RelativeReconstructionBias`, a ratio of token sums.
+
+    ``update(x, x_hat)``: ``(..., d)`` tensors of one shape. ``compute()``: 0-dim float64, >= 0 (NaN before
+    any update).
+    """
+
+    is_differentiable = False
+    higher_is_better = None
+    full_state_update = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("ratio_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("ratio_tokens", torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
+
+    def update(self, x: Tensor, x_hat: Tensor) -> None:
+        x, x_hat = _tokens(x, x_hat, type(self).__name__)
+        norm_in = x.norm(dim=-1)
+        norm_in = torch.where(norm_in.abs() < L2_RATIO_MIN_NORM, torch.ones_like(norm_in), norm_in)
+        self.ratio_sum += (x_hat.norm(dim=-1) / norm_in).sum()
+        self.ratio_tokens += x.shape[0]
+
+    def compute(self) -> Tensor:
+        return self.ratio_sum / self.ratio_tokens.to(torch.float64)
+
+
+#: Cap on the elements of one ``(block x d_sae)`` cosine block (64 MiB in float32).
+_COSINE_BLOCK_ELEMENTS = 1 << 24
+
+
+def _check_decoder(W_dec: Tensor, chunk_size: int | None, who: str) -> int:
+    """Validate a decoder and return the rows per cosine block."""
+    if W_dec.ndim != 2 or W_dec.shape[0] < 2:
+        raise ConfigError(
+            f"{who} needs a (d_sae, d_model) decoder with d_sae >= 2, got shape {tuple(W_dec.shape)}. "
+            "Fix: pass sae.W_dec (one atom per row)."
+        )
+    if chunk_size is None:
+        return max(1, _COSINE_BLOCK_ELEMENTS // W_dec.shape[0])
+    if chunk_size < 1:
+        raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}. Fix: pass a positive chunk_size.")
+    return int(chunk_size)
+
+
+def _cosine_blocks(W_dec: Tensor, chunk_size: int, self_value: float):
+    """Yield ``(start, cos)``: the cosines of atoms ``start:start+chunk`` with every atom, ``(chunk, d_sae)`` in
+    float32 (or the input's wider dtype) with autocast off, each atom's cosine with itself set to ``self_value``.
+    A zero atom has cosine 0 with every other."""
+    atoms = F.normalize(W_dec.detach().to(torch.promote_types(W_dec.dtype, torch.float32)), dim=1)
+    for start in range(0, atoms.shape[0], chunk_size):
+        with torch.autocast(atoms.device.type, enabled=False):  # float32 also when called inside autocast
+            cos = atoms[start : start + chunk_size] @ atoms.T
+        cos.diagonal(offset=start).fill_(self_value)  # an atom with itself
+        yield start, cos
+
+
 @torch.no_grad()
-def decoder_coherence(W_dec: Tensor, chunk_size: int = 1024) -> float:
+def decoder_coherence(W_dec: Tensor, chunk_size: int | None = 1024) -> float:
     """Coherence of a dictionary: the largest ``|cos|`` between two different decoder atoms.
 
     ``max_{i != j} |<w_i, w_j>| / (||w_i|| ||w_j||)`` (mutual coherence, Donoho & Elad 2003; the
-    "max cosine similarity" of SAE evaluations). Computed ``chunk_size`` rows at a time in float32 (or
-    the input's wider dtype), so memory is ``chunk_size x d_sae``, never ``d_sae^2``. A zero atom has
-    cosine 0 with every other.
+    "max cosine similarity" of SAE evaluations). The single worst pair: one duplicated atom sets it to 1
+    however good the rest is; :func:`mean_max_decoder_cosine` is the per-latent average SAEBench reports.
+    Computed ``chunk_size`` rows at a time in float32 (or the input's wider dtype), so memory is
+    ``chunk_size x d_sae``, never ``d_sae^2``. A zero atom has cosine 0 with every other.
 
     Args:
         W_dec: ``(d_sae, d_model)`` decoder, one atom per row (``SparseAutoencoder.W_dec``).
-        chunk_size: rows per block (>= 1).
+        chunk_size: rows per block (>= 1); None: as many as fit in 2^24 cosines.
 
     Returns:
         The coherence in [0, 1] (1: two atoms are parallel or anti-parallel).
@@ -307,29 +389,86 @@ def decoder_coherence(W_dec: Tensor, chunk_size: int = 1024) -> float:
     Raises:
         ConfigError: ``W_dec`` not 2-D, fewer than 2 atoms, or ``chunk_size < 1``.
     """
-    if W_dec.ndim != 2 or W_dec.shape[0] < 2:
-        raise ConfigError(
-            f"decoder_coherence needs a (d_sae, d_model) decoder with d_sae >= 2, got shape {tuple(W_dec.shape)}. "
-            "Fix: pass sae.W_dec (one atom per row)."
-        )
-    if chunk_size < 1:
-        raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}. Fix: pass a positive chunk_size.")
-    atoms = F.normalize(W_dec.detach().to(torch.promote_types(W_dec.dtype, torch.float32)), dim=1)
-    best = atoms.new_zeros(())
-    with torch.autocast(atoms.device.type, enabled=False):  # float32 also when called inside autocast
-        for start in range(0, atoms.shape[0], chunk_size):
-            block = atoms[start : start + chunk_size]
-            cos = (block @ atoms.T).abs_()
-            cos.diagonal(offset=start).zero_()  # an atom with itself
-            best = torch.maximum(best, cos.max())
+    chunk_size = _check_decoder(W_dec, chunk_size, "decoder_coherence")
+    best = W_dec.new_zeros((), dtype=torch.promote_types(W_dec.dtype, torch.float32))
+    for _, cos in _cosine_blocks(W_dec, chunk_size, 0.0):
+        best = torch.maximum(best, cos.abs_().max())
     return float(best)
+
+
+@torch.no_grad()
+def max_decoder_cosine(W_dec: Tensor, chunk_size: int | None = None) -> Tensor:
+    """Each latent's largest cosine similarity with any *other* decoder atom (signed, not absolute).
+
+    ``m_i = max_{j != i} <w_i, w_j> / (||w_i|| ||w_j||)``: SAEBench's ``max_decoder_cosine_sim`` per latent
+    (Karvonen et al. 2025, arXiv 2503.09532; ``sae_bench/evals/core/main.py``, ``calculate_max_cosine_sim``:
+    the self-similarity is excluded, the sign kept, so an anti-parallel pair does not count as redundant).
+    Computed in blocks of ``chunk_size`` atoms against all ``d_sae`` (float32, or the input's wider dtype):
+    memory ``chunk_size x d_sae``, never ``d_sae^2`` (the default block holds 2^24 cosines, 64 MiB: 682 rows at
+    d_sae 24,576).
+
+    Args:
+        W_dec: ``(d_sae, d_model)`` decoder, one atom per row.
+        chunk_size: atoms per block (>= 1); None: as many as fit in 2^24 cosines.
+
+    Returns:
+        ``(d_sae,)`` float32 (or wider) in [-1, 1], on ``W_dec``'s device. A zero atom has cosine 0 with all.
+
+    Raises:
+        ConfigError: ``W_dec`` not 2-D, fewer than 2 atoms, or ``chunk_size < 1``.
+    """
+    chunk_size = _check_decoder(W_dec, chunk_size, "max_decoder_cosine")
+    out = W_dec.new_empty(W_dec.shape[0], dtype=torch.promote_types(W_dec.dtype, torch.float32))
+    for start, cos in _cosine_blocks(W_dec, chunk_size, -math.inf):
+        out[start : start + cos.shape[0]] = cos.amax(dim=1)
+    return out
+
+
+@torch.no_grad()
+def mean_max_decoder_cosine(W_dec: Tensor, chunk_size: int | None = None) -> float:
+    """The mean over latents of :func:`max_decoder_cosine`: SAEBench's ``average_max_decoder_cosine_sim``
+    (core evaluation, ``calculate_misc_metrics``). Lower: a less redundant dictionary; unlike
+    :func:`decoder_coherence` it does not saturate at 1 when a few atoms are duplicated.
+
+    Returns:
+        A float in [-1, 1] (averaged in float64).
+
+    Raises:
+        ConfigError: as :func:`max_decoder_cosine`.
+    """
+    return float(max_decoder_cosine(W_dec, chunk_size).double().mean())
+
+
+@torch.no_grad()
+def decoder_cosine_stats(W_dec: Tensor, chunk_size: int | None = None) -> dict[str, Tensor]:
+    """:func:`decoder_coherence` and :func:`mean_max_decoder_cosine` from one blocked pass over the atom pairs
+    (the ``d_sae^2 x d_model`` matmul is the cost: ~30 s on 2 CPU cores at d_sae 24,576, d_model 768).
+
+    Returns:
+        ``{"decoder_coherence": c, "mean_max_decoder_cosine": m}``, 0-dim float64 tensors on the CPU.
+
+    Raises:
+        ConfigError: as :func:`max_decoder_cosine`.
+    """
+    chunk_size = _check_decoder(W_dec, chunk_size, "decoder_cosine_stats")
+    row_max = W_dec.new_empty(W_dec.shape[0], dtype=torch.promote_types(W_dec.dtype, torch.float32))
+    coherence = row_max.new_zeros(())
+    for start, cos in _cosine_blocks(W_dec, chunk_size, -math.inf):
+        row_max[start : start + cos.shape[0]] = cos.amax(dim=1)
+        cos.diagonal(offset=start).fill_(0.0)
+        coherence = torch.maximum(coherence, cos.abs_().max())
+    return {
+        "decoder_coherence": coherence.double().cpu(),
+        "mean_max_decoder_cosine": row_max.double().mean().cpu(),
+    }
 
 
 def sae_metrics(d_model: int, d_sae: int, dense_threshold: float = DENSE_THRESHOLD, **kwargs: Any) -> MetricCollection:
     """The standard SAE evaluation metrics as one ``MetricCollection``.
 
-    Keys: ``fvu``, ``explained_variance``, ``l0``, ``dead_latents``, ``dense_latents``,
-    ``cosine_similarity``, ``relative_reconstruction_bias`` (each a 0-dim float64 tensor). Call
+    Keys: ``fvu``, ``explained_variance``, ``l0``, ``dead_latents``, ``dense_latents`` (firing on more than
+    ``dense_threshold`` of tokens), ``freq_over_1_percent`` (more than 1 %, SAEBench's), ``cosine_similarity``,
+    ``relative_reconstruction_bias``, ``l2_ratio`` (each a 0-dim float64 tensor). Call
     ``update(x=x, x_hat=x_hat, code=code)`` **with keywords** (positional arguments would go to every
     metric); the metrics that share states (FVU / explained variance, dead / dense latents) are updated
     once through torchmetrics compute groups. ``kwargs`` go to ``MetricCollection`` (e.g. ``prefix="val/"``).
@@ -341,8 +480,10 @@ def sae_metrics(d_model: int, d_sae: int, dense_threshold: float = DENSE_THRESHO
             "l0": MeanL0(),
             "dead_latents": DeadLatents(d_sae, dense_threshold),
             "dense_latents": DenseLatents(d_sae, dense_threshold),
+            "freq_over_1_percent": DenseLatents(d_sae, FREQ_1_PERCENT),
             "cosine_similarity": MeanCosineSimilarity(),
             "relative_reconstruction_bias": RelativeReconstructionBias(),
+            "l2_ratio": L2Ratio(),
         },
         **kwargs,
     )
@@ -350,15 +491,21 @@ def sae_metrics(d_model: int, d_sae: int, dense_threshold: float = DENSE_THRESHO
 
 __all__ = [
     "DENSE_THRESHOLD",
+    "FREQ_1_PERCENT",
     "FVU",
+    "L2_RATIO_MIN_NORM",
     "DeadLatents",
     "DenseLatents",
     "ExplainedVariance",
     "FractionOfVarianceUnexplained",
+    "L2Ratio",
     "LatentFiring",
     "MeanCosineSimilarity",
     "MeanL0",
     "RelativeReconstructionBias",
     "decoder_coherence",
+    "decoder_cosine_stats",
+    "max_decoder_cosine",
+    "mean_max_decoder_cosine",
     "sae_metrics",
 ]

@@ -11,7 +11,7 @@ from mim.errors import ConfigError, UserError
 from mim.features.store import MULTI_TOKEN_KINDS, FeatureBatch, FeatureStore
 from mim.sae.data import FeatureStoreDataModule, check_d_model
 from mim.sae.downstream import downstream_probe
-from mim.sae.metrics import decoder_coherence, sae_metrics
+from mim.sae.metrics import decoder_cosine_stats, sae_metrics
 from mim.sae.variants import SparseAutoencoder
 
 
@@ -27,11 +27,18 @@ class SAETraining(L.LightningModule):
     - Adam (``betas``, ``eps`` = 6.25e-10 as Gao et al.), lr linearly warmed up over ``warmup_steps``, constant,
       then linearly decayed to 0 over the last ``decay_fraction`` of the steps (April update: last 20 %).
     - Unit-norm decoder rows for the variants that use it: the gradient's parallel component is removed before
-      each optimizer step and the rows are re-normalised after it.
+      each optimizer step (``on_before_optimizer_step``, which Lightning runs after the backward and *before* its
+      gradient clipping, so ``--trainer.gradient_clip_val`` measures and clips the gradient that is applied) and
+      the rows are re-normalised after it (:meth:`optimizer_step`), so they stay unit-norm with any clipping.
     - Dead latents tracked by training tokens since each latent last fired (summed over DDP ranks).
-    - Validation: :class:`mim.sae.metrics.SAEMetrics` in the store's units (FVU in float64, explained variance,
-      L0, dead / dense latents, cosine similarity, relative reconstruction bias), the decoder coherence and,
-      with ``downstream``, the linear-probe accuracy retained.
+    - No host-device synchronisation in the training step: firing counts and dead-latent counters stay on the
+      device, and a non-finite loss is recorded there (its first step and value) and raised as a
+      :class:`~mim.errors.UserError` at the next check: every ``log_every_n_steps`` steps (when Lightning syncs
+      to log anyway), at the end of each epoch and before any checkpoint is saved (so none holds the NaN model).
+    - Validation: :func:`mim.sae.metrics.sae_metrics` in the store's units (FVU in float64, explained variance,
+      L0, dead / dense / 1 % latents, cosine similarity, relative reconstruction bias, L2 ratio), the decoder
+      coherence and mean max decoder cosine and, with ``downstream``, the linear-probe accuracy retained and
+      k-sparse probing (:func:`mim.sae.downstream.downstream_probe`).
 
     Args:
         sae: the variant (``class_path: mim.sae.TopKSAE`` + ``init_args`` in a config).
@@ -42,7 +49,9 @@ class SAETraining(L.LightningModule):
         init_tokens: tokens of the initialisation sample.
         dense_threshold: firing frequency above which a latent counts as dense in validation.
         downstream: also run :func:`mim.sae.downstream.downstream_probe` at the end of each validation
-            (linear-probe top-1 on codes vs raw features vs reconstructions; trains on the training store).
+            (linear-probe top-1 on codes vs raw features vs reconstructions, and k-sparse probing of the codes vs
+            the raw dimensions, logged as ``val/sparse_probe_top{k}`` / ``val/sparse_probe_raw_top{k}``; fits on
+            the training store, scores on the validation store).
 
     Mixed precision: ``--trainer.precision bf16-mixed`` (or ``16-mixed`` on a GPU) runs the training and
     validation steps under autocast; the SAE keeps float32 parameters, buffers, thresholds and losses (see
@@ -52,8 +61,8 @@ class SAETraining(L.LightningModule):
         ConfigError (at construction): ``lr <= 0``, ``betas`` outside ``[0, 1)``, ``eps <= 0``,
             ``warmup_steps < 0``, ``decay_fraction`` outside ``[0, 1]``, ``init_tokens < 1`` or
             ``dense_threshold`` outside ``(0, 1]``.
-        UserError: a NaN / Inf loss (names the step); from ``setup``, a store whose ``d_model`` differs from
-            the SAE's (``FeatureStoreError``).
+        UserError: a NaN / Inf loss (names the first step where it happened; raised at the next check, see
+            above); from ``setup``, a store whose ``d_model`` differs from the SAE's (``FeatureStoreError``).
     """
 
     def __init__(
@@ -89,6 +98,10 @@ class SAETraining(L.LightningModule):
         self.save_hyperparameters(ignore=["sae"])
         self.sae = sae
         self.val_metrics = sae_metrics(sae.d_model, sae.d_sae, dense_threshold=dense_threshold, prefix="val/")
+        # first non-finite training loss: its global step (-1: none yet) and value, kept on the device
+        self._nonfinite_step: torch.Tensor | None = None
+        self._nonfinite_loss: torch.Tensor | None = None
+        self._loss_terms: tuple[str, ...] = ()
 
     # ----------------------------------------------------------------------------------------- set-up
     def setup(self, stage: str) -> None:
@@ -130,15 +143,11 @@ class SAETraining(L.LightningModule):
         x_n = self.sae.normalize(batch.features)
         out = self.sae.loss(x_n)
         finite = torch.isfinite(out.loss.detach())
-        if self.trainer.world_size > 1:  # every rank stops at the same step: none waits in a collective
+        if self.trainer.world_size > 1:  # every rank records the same step: all stop at the same check
             finite = self.trainer.strategy.reduce(finite.float(), reduce_op="min") > 0
-        if not finite:
-            raise UserError(
-                f"The SAE loss is not finite at step {self.global_step} (here {out.loss.item()}; terms "
-                f"{', '.join(out.terms)}; under DDP on at least one rank). "
-                "Fix: lower --model.init_args.lr (or the sparsity coefficient), and check the feature store "
-                "(the data module's check_finite=true names a NaN shard and row)."
-            )
+        self._record_nonfinite(finite, out.loss.detach(), tuple(out.terms))
+        if (self.global_step + 1) % max(int(self.trainer.log_every_n_steps), 1) == 0:
+            self.check_finite()  # a logging step: Lightning synchronises for the logger anyway
         fired, tokens = out.fired, len(x_n)
         if self.trainer.world_size > 1:
             fired = self.trainer.strategy.reduce(fired, reduce_op="sum")
@@ -150,7 +159,47 @@ class SAETraining(L.LightningModule):
         self.log_dict(logs, batch_size=len(x_n))
         return out.loss
 
+    def _record_nonfinite(self, finite: torch.Tensor, loss: torch.Tensor, terms: tuple[str, ...]) -> None:
+        """Remember (on the device, no synchronisation) the first step whose loss was not finite."""
+        if self._nonfinite_step is None or self._nonfinite_step.device != loss.device:
+            self._nonfinite_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+            self._nonfinite_loss = torch.zeros((), dtype=torch.float32, device=loss.device)
+        first = ~finite & (self._nonfinite_step < 0)
+        self._nonfinite_step = torch.where(first, self.global_step, self._nonfinite_step)
+        self._nonfinite_loss = torch.where(first, loss.float(), self._nonfinite_loss)
+        self._loss_terms = terms
+
+    def check_finite(self) -> None:
+        """Raise if a training loss since the start was NaN / Inf (one host-device synchronisation).
+
+        Raises:
+            UserError: names the first step with a non-finite loss and the loss terms.
+        """
+        if self._nonfinite_step is None:
+            return
+        step = int(self._nonfinite_step)
+        if step < 0:
+            return
+        loss = float(self._nonfinite_loss)
+        self._nonfinite_step = None  # raise once (a checkpoint-on-exception callback may save after this)
+        raise UserError(
+            f"The SAE loss is not finite at step {step} (here {loss}; terms {', '.join(self._loss_terms)}; under "
+            f"DDP on at least one rank; found at step {self.global_step}: the loss is checked every "
+            "log_every_n_steps steps, at each epoch end and before each checkpoint). "
+            "Fix: lower --model.init_args.lr (or the sparsity coefficient), and check the feature store "
+            "(the data module's check_finite=true names a NaN shard and row)."
+        )
+
+    def on_train_epoch_end(self) -> None:
+        self.check_finite()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_finite()  # never save the weights of a diverged run as if they were good
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Remove the decoder gradient's component parallel to each row. Lightning calls this after the
+        backward (and the unscaling of a 16-mixed GradScaler) and before ``gradient_clip_val`` clips, so the
+        clipped norm is that of the gradient the optimizer applies (``Precision._after_closure``)."""
         self.sae.remove_parallel_grad_()
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
@@ -169,7 +218,7 @@ class SAETraining(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         values = {name: value.float() for name, value in self.val_metrics.compute().items()}
         self.val_metrics.reset()
-        values["val/decoder_coherence"] = torch.tensor(decoder_coherence(self.sae.W_dec.detach()))
+        values.update({f"val/{name}": value.float() for name, value in decoder_cosine_stats(self.sae.W_dec).items()})
         if self.hparams.downstream and not self.trainer.sanity_checking:
             datamodule = self.trainer.datamodule
             probe = downstream_probe(self.sae, datamodule.train_store, datamodule.val_store, tokens=datamodule.tokens)
