@@ -7,7 +7,6 @@ import csv
 import math
 from pathlib import Path
 
-import pytest
 import yaml
 from cli_run import REPO, finish_mim, run_mim, start_mim
 

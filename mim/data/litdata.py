@@ -29,7 +29,6 @@ import json
 import logging
 import multiprocessing
 import os
-import random
 import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
