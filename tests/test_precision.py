@@ -58,6 +58,10 @@ SAE_KWARGS = {
     "ReLUSAE": {"l1_coeff": 0.05},
     "JumpReLUSAE": {"l0_coeff": 0.05},
     "MPSAE": {"steps": 4},
+    "FeatureChoiceSAE": {"k": 8},
+    "MutualChoiceSAE": {"k": 8},
+    "MSAE": {"ks": [4, 8]},
+    "ArchetypalSAE": {"k": 8},
 }
 
 

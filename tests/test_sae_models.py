@@ -197,12 +197,12 @@ def test_matryoshka_prefixes_each_reconstruct(tokens):
     fvus = [float((h - val_n).pow(2).sum() / (val_n - val_n.mean(0)).pow(2).sum()) for h in x_hats]
     assert all(f < 0.85 for f in fvus), fvus  # even the first 64 latents reconstruct on their own
     assert all(a >= b - 1e-6 for a, b in itertools.pairwise(fvus)), fvus  # more latents, better
-    # the loss is the sum of the prefixes' FVUs
+    # the loss is the mean of the prefixes' FVUs (as Bussmann et al.'s code averages them)
     sae.train()
     out = sae.loss(sae.normalize(val[:1024]))
     prefix_terms = [v for k, v in out.terms.items() if k.startswith("fvu_prefix_")]
     assert len(prefix_terms) == 4 and out.terms["fvu"] == prefix_terms[-1]
-    torch.testing.assert_close(out.loss, torch.stack(prefix_terms).sum() + sae.aux_coeff * out.terms["auxk"])
+    torch.testing.assert_close(out.loss, torch.stack(prefix_terms).mean() + sae.aux_coeff * out.terms["auxk"])
 
 
 def test_matching_pursuit_error_falls_monotonically_with_steps(tokens):

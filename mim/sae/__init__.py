@@ -12,10 +12,14 @@ from mim.sae.splice import SPLICE_MODES, capture, intervene
 from mim.sae.splice_eval import SpliceEvaluation, SpliceMetric
 from mim.sae.variants import (
     MPSAE,
+    MSAE,
     AbsTopKSAE,
+    ArchetypalSAE,
     BatchTopKSAE,
+    FeatureChoiceSAE,
     JumpReLUSAE,
     MatryoshkaSAE,
+    MutualChoiceSAE,
     ReLUSAE,
     SAELoss,
     SAEOutput,
@@ -27,13 +31,17 @@ from mim.sae.variants import (
 
 __all__ = [
     "MPSAE",
+    "MSAE",
     "VARIANTS",
     "AbsTopKSAE",
+    "ArchetypalSAE",
     "BatchTopKSAE",
+    "FeatureChoiceSAE",
     "JumpReLUSAE",
     "LatentCache",
     "LatentCacheWriter",
     "MatryoshkaSAE",
+    "MutualChoiceSAE",
     "ReLUSAE",
     "SAEEncoder",
     "SAELoss",

@@ -14,6 +14,11 @@ matmul, and the encoder's backward is sparse too:
   The dense ``(N, d_sae)`` gradient and its dense ``(d_sae, N) x (N, d)`` matmul of plain autograd never
   exist. Gao et al. 2024 (arXiv 2406.04093, Sec. 5 / App. D) describe the same sparsity of both
   directions for their GPU kernels.
+- :func:`attach_linear_grad`: the same sparse backward for entries chosen after a no-grad pass (a selection
+  that needs the whole batch, like BatchTopK's), so the backward runs over the finally kept entries only.
+- Ragged codes (:func:`attach_linear_grad_ragged`, :func:`ragged_decode`): entries ``(rows, indices, values)``
+  with each row's own count (``embedding_bag`` offsets), for codes whose rows differ widely in size (BatchTopK,
+  ReLU, JumpReLU): work in proportion to the entries, not to ``N`` times the widest row.
 
 Mixed precision: under autocast (bf16 / fp16) the forward matmul of :func:`select_linear` runs in the autocast
 dtype, so its ``values`` are bf16 / fp16; its backward always computes in the weight's dtype (float32) with
@@ -58,6 +63,27 @@ def _rows_scatter(grad: torch.Tensor, indices: torch.Tensor, rows_in: torch.Tens
     return torch.sparse.mm(sparse, rows_in)
 
 
+def _linear_backward(ctx, grad_values, x, weight, indices, rows=None, offsets=None):
+    """``d x``, ``d W``, ``d b`` of ``values = (x W^T + b).gather(1, indices)`` (only where ``ctx`` needs them);
+    with ``rows`` and ``offsets``, of the ragged entries ``values[e] = z[rows[e], indices[e]]`` instead."""
+    grad = grad_values.contiguous().to(weight.dtype)  # under autocast the values may be bf16
+    x = x.to(weight.dtype)
+    grad_x = grad_w = grad_b = None
+    with torch.autocast(weight.device.type, enabled=False):  # in the weight's dtype, also inside autocast
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(indices, weight, offsets, per_sample_weights=grad, mode="sum")
+        if ctx.needs_input_grad[1]:
+            if rows is None:
+                grad_w = _rows_scatter(grad, indices, x, weight.shape[0])
+            else:
+                coo = torch.stack([indices, rows])
+                sparse = torch.sparse_coo_tensor(coo, grad, (weight.shape[0], len(x)), check_invariants=False)
+                grad_w = torch.sparse.mm(sparse, x)
+        if ctx.needs_input_grad[2]:
+            grad_b = grad.new_zeros(weight.shape[0]).index_add_(0, indices.reshape(-1), grad.reshape(-1))
+    return grad_x, grad_w, grad_b
+
+
 class _SelectLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, select, chunk_rows):
@@ -75,17 +101,88 @@ class _SelectLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_values, _grad_indices):
         x, weight, indices = ctx.saved_tensors
-        grad = grad_values.contiguous().to(weight.dtype)  # under autocast the values may be bf16
-        x = x.to(weight.dtype)
-        grad_x = grad_w = grad_b = None
-        with torch.autocast(weight.device.type, enabled=False):  # in the weight's dtype, also inside autocast
-            if ctx.needs_input_grad[0]:
-                grad_x = F.embedding_bag(indices, weight, per_sample_weights=grad, mode="sum")
-            if ctx.needs_input_grad[1]:
-                grad_w = _rows_scatter(grad, indices, x, weight.shape[0])
-            if ctx.needs_input_grad[2]:
-                grad_b = grad.new_zeros(weight.shape[0]).index_add_(0, indices.reshape(-1), grad.reshape(-1))
-        return grad_x, grad_w, grad_b, None, None
+        return (*_linear_backward(ctx, grad_values, x, weight, indices), None, None)
+
+
+class _AttachLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, values, indices):
+        ctx.save_for_backward(x, weight, indices)
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, grad_values):
+        x, weight, indices = ctx.saved_tensors
+        return (*_linear_backward(ctx, grad_values, x, weight, indices), None, None)
+
+
+class _AttachLinearRagged(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, values, indices, rows, offsets):
+        ctx.save_for_backward(x, weight, indices, rows, offsets)
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, grad_values):
+        x, weight, indices, rows, offsets = ctx.saved_tensors
+        return (*_linear_backward(ctx, grad_values, x, weight, indices, rows, offsets), None, None, None, None)
+
+
+def ragged_offsets(rows: torch.Tensor, n: int) -> torch.Tensor:
+    """(n,) int64 start of each row's entries in a ragged code whose (nnz,) ``rows`` are sorted ascending."""
+    counts = torch.zeros(n, dtype=torch.long, device=rows.device).index_add_(0, rows, torch.ones_like(rows))
+    return counts.cumsum(0) - counts
+
+
+def attach_linear_grad_ragged(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+    rows: torch.Tensor, offsets: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`attach_linear_grad` for a ragged set of entries (no padding: each row keeps its own count).
+
+    Args:
+        x, weight, bias: as :func:`attach_linear_grad`.
+        values: (nnz,) ``z[rows[e], indices[e]]`` computed without autograd.
+        indices: (nnz,) int64 latent ids; rows: (nnz,) int64 row of each entry, sorted ascending.
+        offsets: (N,) int64 start of each row's entries (:func:`ragged_offsets`).
+
+    Returns:
+        a differentiable copy of ``values`` (nnz,); the backward is ``embedding_bag`` / sparse COO matmul /
+        ``index_add`` over the ``nnz`` entries.
+    """
+    return _AttachLinearRagged.apply(x, weight, bias, values, indices, rows, offsets)
+
+
+def ragged_decode(values: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor, W_dec: torch.Tensor
+                  ) -> torch.Tensor:
+    """:func:`sparse_decode` of a ragged code: ``x_hat[n] = sum_{e in row n} values[e] * W_dec[indices[e]]``.
+
+    Args:
+        values: (nnz,) float; indices: (nnz,) int64; offsets: (N,) int64 start of each row's entries.
+        W_dec: (d_sae, d) decoder.
+
+    Returns:
+        (N, d) in ``W_dec``'s dtype, differentiable in ``values`` and ``W_dec`` (rows without entries are 0).
+    """
+    return F.embedding_bag(indices, W_dec, offsets, per_sample_weights=values.to(W_dec.dtype), mode="sum")
+
+
+def attach_linear_grad(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, values: torch.Tensor, indices: torch.Tensor
+) -> torch.Tensor:
+    """``values`` (N, s), computed earlier without autograd as ``(x W^T + b).gather(1, indices)`` (e.g. the
+    candidates of a no-grad :func:`select_linear` narrowed to the entries finally kept), made differentiable in
+    ``x``, ``weight`` and ``bias`` with :func:`select_linear`'s sparse backward over these ``N * s`` entries only.
+
+    Args:
+        x: (N, d), weight: (d_sae, d), bias: (d_sae,): the inputs ``values`` were computed from.
+        values: (N, s) pre-activations at ``indices`` (N, s) int64 (not checked).
+
+    Returns:
+        a copy of ``values`` whose gradient flows to ``x``, ``weight`` and ``bias`` (equal to dense autograd
+        through ``gather``).
+    """
+    return _AttachLinear.apply(x, weight, bias, values, indices)
 
 
 def select_linear(
@@ -112,4 +209,12 @@ def select_linear(
     return _SelectLinear.apply(x, weight, bias, select, chunk_rows)
 
 
-__all__ = ["Selector", "select_linear", "sparse_decode"]
+__all__ = [
+    "Selector",
+    "attach_linear_grad",
+    "attach_linear_grad_ragged",
+    "ragged_decode",
+    "ragged_offsets",
+    "select_linear",
+    "sparse_decode",
+]

@@ -15,10 +15,14 @@ from mim.errors import UserError
 from mim.export import atomic_write
 from mim.sae.variants import (
     MPSAE,
+    MSAE,
     AbsTopKSAE,
+    ArchetypalSAE,
     BatchTopKSAE,
+    FeatureChoiceSAE,
     JumpReLUSAE,
     MatryoshkaSAE,
+    MutualChoiceSAE,
     ReLUSAE,
     SparseAutoencoder,
     TopAFASAE,
@@ -30,7 +34,8 @@ FORMAT = "mim-sae"
 #: Variants by class name (what :func:`load_sae` resolves the JSON's ``class`` with).
 VARIANTS: dict[str, type[SparseAutoencoder]] = {
     cls.__name__: cls
-    for cls in (TopKSAE, BatchTopKSAE, MatryoshkaSAE, AbsTopKSAE, TopAFASAE, ReLUSAE, JumpReLUSAE, MPSAE)
+    for cls in (TopKSAE, BatchTopKSAE, MatryoshkaSAE, AbsTopKSAE, TopAFASAE, ReLUSAE, JumpReLUSAE, MPSAE,
+                FeatureChoiceSAE, MutualChoiceSAE, MSAE, ArchetypalSAE)
 }
 
 

@@ -23,21 +23,28 @@ Codes are returned as a :class:`SparseCode` (padded rows) and decoded with
 :func:`mim.sae.kernels.sparse_decode` (``embedding_bag``), never with a dense matmul.
 """
 
+from mim.sae.variants.archetypal import ArchetypalSAE
 from mim.sae.variants.base import SAELoss, SAEOutput, SparseAutoencoder, SparseCode
 from mim.sae.variants.batchtopk import BatchTopKSAE
+from mim.sae.variants.choice import FeatureChoiceSAE, MutualChoiceSAE
 from mim.sae.variants.jumprelu import JumpReLUSAE
 from mim.sae.variants.matryoshka import MatryoshkaSAE
 from mim.sae.variants.mp import MPSAE
+from mim.sae.variants.msae import MSAE
 from mim.sae.variants.relu import ReLUSAE
 from mim.sae.variants.topafa import TopAFASAE
 from mim.sae.variants.topk import AbsTopKSAE, TopKSAE
 
 __all__ = [
     "MPSAE",
+    "MSAE",
     "AbsTopKSAE",
+    "ArchetypalSAE",
     "BatchTopKSAE",
+    "FeatureChoiceSAE",
     "JumpReLUSAE",
     "MatryoshkaSAE",
+    "MutualChoiceSAE",
     "ReLUSAE",
     "SAELoss",
     "SAEOutput",

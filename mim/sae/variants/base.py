@@ -4,6 +4,7 @@ decoding, initialisation, dead-latent bookkeeping and the unit-norm decoder cons
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, ClassVar, NamedTuple
 
@@ -12,7 +13,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from mim.errors import ConfigError, UserError
-from mim.sae.kernels import sparse_decode
+from mim.sae.kernels import (
+    Selector,
+    attach_linear_grad,
+    attach_linear_grad_ragged,
+    ragged_decode,
+    ragged_offsets,
+    select_linear,
+    sparse_decode,
+)
 
 
 class SparseCode(NamedTuple):
@@ -43,9 +52,37 @@ class SparseCode(NamedTuple):
         return self._distinct(torch.iinfo(torch.long).max)[1].sum(dim=1)
 
     def fired(self, d_sae: int) -> torch.Tensor:
-        """(d_sae,) int64: in how many rows each latent is active."""
+        """(d_sae,) int64: in how many rows each latent is active (no host-device sync)."""
         ids, keep = self._distinct(d_sae)
-        return torch.bincount(ids[keep], minlength=d_sae)
+        counts = ids.new_zeros(d_sae + 1).index_add_(0, ids.reshape(-1), keep.reshape(-1).long())
+        return counts[:d_sae]
+
+
+class RaggedCode(NamedTuple):
+    """A batch's sparse code with each row's own number of entries (the training steps of BatchTopK, ReLU and
+    JumpReLU, whose rows differ widely in size: no padding to the widest row).
+
+    Attributes:
+        values: (nnz,) float.
+        indices: (nnz,) int64 latent ids.
+        rows: (nnz,) int64 row of each entry, sorted ascending.
+        offsets: (N,) int64 start of each row's entries (``embedding_bag`` offsets).
+    """
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    rows: torch.Tensor
+    offsets: torch.Tensor
+
+    def to_padded(self) -> SparseCode:
+        """The same code as a :class:`SparseCode` padded to the widest row (reads that width: a sync)."""
+        n, nnz = len(self.offsets), len(self.values)
+        counts = torch.diff(self.offsets, append=self.offsets.new_tensor([nnz]))
+        width = int(counts.max()) if n else 0
+        slot = torch.arange(nnz, device=self.rows.device) - self.offsets[self.rows]
+        values = self.values.new_zeros(n, width).index_put((self.rows, slot), self.values)
+        indices = self.indices.new_zeros(n, width).index_put_((self.rows, slot), self.indices)
+        return SparseCode(values, indices)
 
 
 class SAEOutput(NamedTuple):
@@ -115,12 +152,20 @@ def batch_variance(x: torch.Tensor) -> torch.Tensor:
         return (stats[-2] / count - mean.pow(2).sum()).clamp_min(0).to(x.dtype)
 
 
-def support_code(f: torch.Tensor, support: torch.Tensor) -> SparseCode:
-    """Padded code of the entries of ``f`` (N, d_sae) where ``support`` (N, d_sae) bool is set (``s`` = the
-    largest row count); values are ``f`` there (zeros allowed), gradients flow to ``f`` at every support entry."""
-    width = int(support.sum(1).max()) if support.numel() else 0
+def support_code(f: torch.Tensor, support: torch.Tensor, width: int | None = None) -> SparseCode:
+    """Padded code of the entries of ``f`` (N, d_sae) where ``support`` (N, d_sae) bool is set (``s`` = ``width``,
+    by default the largest row count, read from the device); values are ``f`` there (zeros allowed), gradients
+    flow to ``f`` at every support entry."""
+    if width is None:
+        width = int(support.sum(1).max()) if support.numel() else 0
     indices = support.to(f.dtype).topk(width, dim=1, sorted=False).indices
     return SparseCode(f.gather(1, indices) * support.gather(1, indices), indices)
+
+
+def host_ints(*values: torch.Tensor) -> list[int]:
+    """Scalar tensors as Python ints, read in one transfer: the one host-device sync a training step may make
+    (free on the CPU)."""
+    return torch.stack([v.reshape(()).long() for v in values]).tolist()
 
 
 def threshold_code(z: torch.Tensor, threshold: torch.Tensor | float) -> SparseCode:
@@ -150,6 +195,11 @@ def _check_non_negative(name: str, value: float) -> None:
     _check(value >= 0, name, value, "be >= 0", f"set {name} >= 0 (0 turns the term off)")
 
 
+def _check_fraction(name: str, value: float) -> None:
+    """``0 < value <= 1`` or :class:`ConfigError`."""
+    _check(0 < value <= 1, name, value, "lie in (0, 1]", f"set {name} to e.g. 0.2")
+
+
 def _without_autocast(device: torch.device) -> Any:
     """A context in which autocast is off on ``device`` (ops run in their inputs' dtype)."""
     return torch.autocast(device.type, enabled=False)
@@ -170,8 +220,14 @@ class SparseAutoencoder(nn.Module):
     Mixed precision (``--trainer.precision bf16-mixed`` / ``16-mixed``): parameters and buffers stay float32;
     under autocast the encoder matmul runs in the autocast dtype for the ranking variants (TopK, AbsTopK,
     TopAFA, MP, ReLU: a rounded ``z`` changes which latents win only at near-ties), but in float32 wherever ``z``
-    is compared with a learned or estimated threshold (BatchTopK / Matryoshka, JumpReLU: see
-    :meth:`pre_acts`). Decoding (:func:`~mim.sae.kernels.sparse_decode`) and the losses run in float32.
+    is compared with a learned or estimated threshold (BatchTopK / Matryoshka, with their AuxK candidates
+    from the same pass, and JumpReLU: see :meth:`pre_acts` and :meth:`select_pre_acts`). Matching pursuit only
+    chooses atoms with the autocast matmul; its coefficients are float32 dot products with the chosen atoms.
+    Decoding (:func:`~mim.sae.kernels.sparse_decode`) and the losses run in float32.
+
+    Host-device syncs in a training step: none for TopK / AbsTopK / TopAFA / MP; one read of a few integers
+    for BatchTopK / Matryoshka / ReLU / JumpReLU (the exactness check of their sparse selection and the code
+    width), more only in their exact fallbacks.
 
     Raises:
         ConfigError: a ``d_model``, ``d_sae`` or ``dead_tokens`` below 1.
@@ -259,12 +315,44 @@ class SparseAutoencoder(nn.Module):
         with _without_autocast(x_n.device):
             return F.linear(x_n.float() - self.b_dec.float(), self.W_enc.float(), self.b_enc.float())
 
+    def select_pre_acts(self, x_n: torch.Tensor, select: Selector, fp32: bool = False
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The entries ``select`` picks of the pre-activations ``z`` (:meth:`pre_acts`), computed blockwise with a
+        sparse backward (:func:`~mim.sae.kernels.select_linear`): ``values`` (N, s) and ``indices`` (N, s) int64.
+        With ``fp32`` autocast is off and ``values`` are float32 (as :meth:`pre_acts`)."""
+        if not fp32:
+            return select_linear(x_n - self.b_dec, self.W_enc, self.b_enc, select)
+        with _without_autocast(x_n.device):
+            return select_linear(x_n.float() - self.b_dec.float(), self.W_enc.float(), self.b_enc.float(), select)
+
+    def attach_pre_acts(self, x_n: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+                        fp32: bool = False) -> torch.Tensor:
+        """``values`` (N, s) = ``z.gather(1, indices)`` from a no-grad :meth:`select_pre_acts`, made differentiable
+        with the sparse backward over these entries only (:func:`~mim.sae.kernels.attach_linear_grad`)."""
+        if not fp32:
+            return attach_linear_grad(x_n - self.b_dec, self.W_enc, self.b_enc, values, indices)
+        with _without_autocast(x_n.device):
+            return attach_linear_grad(x_n.float() - self.b_dec.float(), self.W_enc.float(), self.b_enc.float(),
+                                      values, indices)
+
+    def attach_ragged(self, x_n: torch.Tensor, code: RaggedCode, fp32: bool = False) -> torch.Tensor:
+        """The (nnz,) pre-activations ``code.values`` (computed without autograd) made differentiable with the
+        sparse backward over the code's entries (:func:`~mim.sae.kernels.attach_linear_grad_ragged`)."""
+        args = (code.values, code.indices, code.rows, code.offsets)
+        if not fp32:
+            return attach_linear_grad_ragged(x_n - self.b_dec, self.W_enc, self.b_enc, *args)
+        with _without_autocast(x_n.device):
+            return attach_linear_grad_ragged(x_n.float() - self.b_dec.float(), self.W_enc.float(),
+                                             self.b_enc.float(), *args)
+
     def code(self, x_n: torch.Tensor) -> SparseCode:
         """The inference code of normalised inputs ``x_n`` (N, d_model)."""
         raise NotImplementedError
 
-    def decode_n(self, code: SparseCode) -> torch.Tensor:
+    def decode_n(self, code: SparseCode | RaggedCode) -> torch.Tensor:
         """``x_hat_n = W_dec^T f + b_dec`` (normalised units), decoding only the active latents."""
+        if isinstance(code, RaggedCode):
+            return ragged_decode(code.values, code.indices, code.offsets, self.W_dec) + self.b_dec
         return sparse_decode(code.values, code.indices, self.W_dec) + self.b_dec
 
     def encode(self, x: torch.Tensor) -> SparseCode:
@@ -286,11 +374,16 @@ class SparseAutoencoder(nn.Module):
         raise NotImplementedError
 
     def _result(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], x_hat: torch.Tensor,
-                code: SparseCode) -> SAELoss:
+                code: SparseCode | RaggedCode) -> SAELoss:
         """The :class:`SAELoss` of a step (``terms`` must hold ``mse``), with the firing counts of ``code``."""
-        if self.distinct_ids:  # no id twice in a row: count active slots directly (no sort)
-            active = code.values != 0
-            fired, l0 = torch.bincount(code.indices[active], minlength=self.d_sae), active.sum(1)
+        if isinstance(code, RaggedCode):  # distinct ids per row
+            active = (code.values != 0).long()
+            fired = active.new_zeros(self.d_sae).index_add_(0, code.indices, active)
+            l0 = active.new_zeros(len(code.offsets)).index_add_(0, code.rows, active)
+        elif self.distinct_ids:  # no id twice in a row: count active slots directly (no sort, no sync)
+            active = (code.values != 0).long()
+            fired = active.new_zeros(self.d_sae).index_add_(0, code.indices.reshape(-1), active.reshape(-1))
+            l0 = active.sum(1)
         else:
             fired, l0 = code.fired(self.d_sae), code.l0()
         return SAELoss(loss, terms, x_hat, fired, l0.float().mean())
@@ -317,3 +410,84 @@ class SparseAutoencoder(nn.Module):
         """Project the decoder rows back to unit norm (after the optimizer step)."""
         if self.unit_norm_decoder:
             self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+
+class SupportStep:
+    """Mixin of the threshold variants' exact sparse training step (:class:`~mim.sae.variants.ReLUSAE`,
+    :class:`~mim.sae.variants.JumpReLUSAE`): the support ``{z > offset - margin}`` as a :class:`RaggedCode`.
+
+    The encoder pass (:func:`~mim.sae.kernels.select_linear`, no autograd) keeps each row's ``w`` largest
+    ``z - offset``. A row whose ``w``-th candidate is still in the support may hold more entries (all others are
+    at most that candidate): those rows, found on the device, are recomputed in full (the exact per-row
+    fallback). The kept entries then get the sparse backward (:meth:`SparseAutoencoder.attach_ragged`). ``w``
+    follows the data: ``3 x`` the last step's mean support count plus 16; while that exceeds
+    ``sparse_max_fraction * d_sae`` (early in training: half the entries are positive at initialisation) the
+    variant runs its dense step, which is faster there. One read of three integers per step (one sync on an
+    accelerator), one more when a row needs the fallback.
+    """
+
+    d_sae: int
+    sparse_max_fraction: float
+
+    def sparse_width(self) -> int | None:
+        """Candidates per row of the next sparse step, or ``None`` (run the dense step)."""
+        width = getattr(self, "_support_width", None)
+        return None if width is None or width > self.sparse_max_fraction * self.d_sae else width
+
+    def note_support(self, mean_count: float) -> None:
+        """Record a step's mean support entries per row (sets the next step's width)."""
+        self._support_width = min(self.d_sae, math.ceil(3 * mean_count) + 16)
+
+    @torch.no_grad()
+    def support_entries(self, x_n: torch.Tensor, offset: torch.Tensor | None, margin: float, fp32: bool,
+                        width: int, dead: torch.Tensor) -> tuple[RaggedCode, int]:
+        """The support ``z > offset - margin`` (``offset`` (d_sae,) or ``None`` for 0) of every row, exactly.
+
+        Returns:
+            the entries as a :class:`RaggedCode` of ``z`` values without gradient (pass it to
+            :meth:`SparseAutoencoder.attach_ragged`), and the number of ``dead`` latents (read in the same sync).
+        """
+        off = None if offset is None else offset.detach()
+        n = len(x_n)
+
+        def select(z: torch.Tensor) -> torch.Tensor:
+            return (z if off is None else z - off).topk(width, dim=1, sorted=False).indices
+
+        values, indices = self.select_pre_acts(x_n, select, fp32)
+        inside = values > (-margin if off is None else off[indices] - margin)
+        over = inside.all(1) if width < self.d_sae else torch.zeros(n, dtype=torch.bool, device=values.device)
+        inside &= ~over[:, None]
+        nnz, n_over, n_dead = host_ints(inside.sum(), over.sum(), dead.sum())
+        rows, slots = torch.nonzero_static(inside, size=nnz).unbind(1)
+        cols, vals = indices[rows, slots], values[rows, slots]
+        self.last_fallback = n_over > 0
+        if n_over:  # rows that may hold more than `width` entries: their whole pre-activation rows
+            rows_o = torch.nonzero_static(over, size=n_over).squeeze(1)
+            with _without_autocast(x_n.device) if fp32 else contextlib.nullcontext():
+                x_c = x_n[rows_o].float() - self.b_dec.float() if fp32 else x_n[rows_o] - self.b_dec
+                W, b = (self.W_enc.float(), self.b_enc.float()) if fp32 else (self.W_enc, self.b_enc)
+                z = F.linear(x_c, W, b)
+            r, c = (z > (-margin if off is None else off - margin)).nonzero(as_tuple=True)
+            rows, cols, vals = torch.cat([rows, rows_o[r]]), torch.cat([cols, c]), torch.cat([vals, z[r, c].to(vals.dtype)])
+            order = rows.argsort(stable=True)
+            rows, cols, vals = rows[order], cols[order], vals[order]
+        self.note_support(len(rows) / max(n, 1))
+        return RaggedCode(vals, cols, rows, ragged_offsets(rows, n)), n_dead
+
+    def dead_pre_act_loss(self, x_n: torch.Tensor, dead: torch.Tensor, n_dead: int,
+                          threshold: torch.Tensor | None, fp32: bool) -> torch.Tensor:
+        """SAELens' pre-activation loss on dead latents (``calculate_pre_act_loss`` in
+        ``sae_lens/saes/jumprelu_sae.py``, Anthropic's pre-activation loss restricted to dead latents):
+        ``E_n sum_{j dead} ReLU(theta_j - z_nj) ||W_dec,j||`` (``threshold`` (d_sae,) or ``None`` for 0), which
+        pulls the dead latents' pre-activations up to their threshold. Computed on the ``n_dead`` dead latents'
+        columns only (``n_dead`` = ``dead.sum()``, read by the caller's one sync), a scalar 0 when none is dead."""
+        if n_dead == 0:
+            return x_n.new_zeros((), dtype=torch.float32)
+        ids = torch.nonzero_static(dead, size=n_dead).squeeze(1)
+        if fp32:
+            with _without_autocast(x_n.device):
+                z = F.linear(x_n.float() - self.b_dec.float(), self.W_enc[ids].float(), self.b_enc[ids].float())
+        else:
+            z = F.linear(x_n - self.b_dec, self.W_enc[ids], self.b_enc[ids])
+        below = F.relu((0.0 if threshold is None else threshold[ids]) - z.float())
+        return (below * self.W_dec[ids].norm(dim=1)).sum(1).mean()

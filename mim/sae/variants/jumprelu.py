@@ -11,11 +11,17 @@ from mim.sae.variants.base import (
     SAELoss,
     SparseAutoencoder,
     SparseCode,
+    SupportStep,
+    _check,
+    _check_fraction,
+    _check_non_negative,
     _check_positive,
+    host_ints,
     squared_error,
     support_code,
     threshold_code,
 )
+from mim.sae.variants.relu import warmup_scale
 
 
 def _rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -23,9 +29,15 @@ def _rectangle(u: torch.Tensor) -> torch.Tensor:
     return ((u > -0.5) & (u < 0.5)).to(u.dtype)
 
 
+def _to_threshold(grad: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """The gradient of elementwise ``theta`` entries summed over the rows ``theta`` was broadcast along."""
+    return grad.sum(0) if grad.dim() > theta.dim() else grad
+
+
 class _JumpReLU(torch.autograd.Function):
     """``z * H(z - theta)``; d/dz = ``H(z - theta)``, d/dtheta = ``-(theta / eps) K((z - theta) / eps)``
-    (Rajamanoharan et al. 2024, arXiv 2407.14435, eq. 11)."""
+    (Rajamanoharan et al. 2024, arXiv 2407.14435, eq. 11). ``theta`` is (d_sae,) against a dense ``z`` (N, d_sae),
+    or has ``z``'s shape (the thresholds gathered at a padded code's ids; the gather sums the gradient)."""
 
     @staticmethod
     def forward(ctx, z, theta, eps):
@@ -37,13 +49,13 @@ class _JumpReLU(torch.autograd.Function):
     def backward(ctx, grad):
         z, theta = ctx.saved_tensors
         grad_z = grad * (z > theta)
-        grad_theta = (grad * -(theta / ctx.eps) * _rectangle((z - theta) / ctx.eps)).sum(0)
+        grad_theta = _to_threshold(grad * -(theta / ctx.eps) * _rectangle((z - theta) / ctx.eps), theta)
         return grad_z, grad_theta, None
 
 
 class _Step(torch.autograd.Function):
     """``H(z - theta)``; no gradient to ``z``, d/dtheta = ``-(1 / eps) K((z - theta) / eps)`` (eq. 12 of
-    Rajamanoharan et al. 2024)."""
+    Rajamanoharan et al. 2024); shapes as :class:`_JumpReLU`."""
 
     @staticmethod
     def forward(ctx, z, theta, eps):
@@ -54,11 +66,11 @@ class _Step(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         z, theta = ctx.saved_tensors
-        grad_theta = (grad * -(1.0 / ctx.eps) * _rectangle((z - theta) / ctx.eps)).sum(0)
+        grad_theta = _to_threshold(grad * -(1.0 / ctx.eps) * _rectangle((z - theta) / ctx.eps), theta)
         return None, grad_theta, None
 
 
-class JumpReLUSAE(SparseAutoencoder):
+class JumpReLUSAE(SupportStep, SparseAutoencoder):
     """JumpReLU SAE (Rajamanoharan et al. 2024, "Jumping Ahead", arXiv 2407.14435, Sec. 3-4):
     ``f = z * H(z - theta)`` with a learned threshold per latent (``theta = exp(log_threshold)``), loss =
     ``E||x_n - x_hat_n||^2 + l0_coeff * E||f||_0``. The step function has no gradient; ``theta`` learns through the
@@ -67,6 +79,19 @@ class JumpReLUSAE(SparseAutoencoder):
     JumpReLU trainer does the same). The paper encodes ``x`` itself; here, as in every variant, ``b_dec`` is
     subtracted first (SAELens' default). The paper scales inputs to ``E||x||^2 = d``, this SAE to
     ``E||x|| = sqrt(d)``: about the same scale.
+
+    ``l0_coeff`` is warmed up linearly from 0 over the first ``l0_warmup_steps`` training steps (SAELens'
+    ``l0_warm_up_steps``; counted by the ``step`` buffer). Dead latents (optional, ``pre_act_coeff > 0``):
+    SAELens' pre-activation loss ``pre_act_coeff * E_n sum_{j dead} ReLU(theta_j - z_nj) ||W_dec,j||``
+    (:meth:`~mim.sae.variants.base.SupportStep.dead_pre_act_loss`), on the dead latents' columns only.
+
+    Sparse training step (exact, :class:`~mim.sae.variants.base.SupportStep`): every term touches only the support
+    ``S = {z > theta - bandwidth / 2}``: ``f`` is 0 and has no gradient below ``theta``, eq. 11's window
+    ``|z - theta| < bandwidth / 2`` (where the reconstruction's ``d loss / d f`` reaches ``theta``) and eq. 12's
+    (the L0 term's) lie inside ``S``, and ``E||f||_0`` counts entries above ``theta``. So the code holds ``S``
+    (zeros in the window below ``theta``), the encoder's backward runs on ``S`` only, and the thresholds'
+    gradients are summed from ``S`` (a row with more candidates in ``S`` than the candidate width is recomputed in
+    full). The dense step runs while ``S`` is wide (early in training). One sync per step (one more when a row needs the fallback).
 
     Precision: ``z`` is computed in float32 also under autocast (:meth:`SparseAutoencoder.pre_acts` with ``fp32``),
     as are the comparison with ``theta`` and the pseudo-derivatives; with a bf16 ``z`` the window
@@ -77,30 +102,70 @@ class JumpReLUSAE(SparseAutoencoder):
         l0_coeff: sparsity coefficient lambda.
         bandwidth: kernel width epsilon (paper: 0.001).
         init_threshold: initial theta (paper: 0.001).
+        l0_warmup_steps: steps of the linear ``l0_coeff`` warm-up (0: none, SAELens' default).
+        pre_act_coeff: coefficient of the dead latents' pre-activation loss (0: off, SAELens' default).
+        sparse_max_fraction: the candidate width (3 x the mean support count + 16), as a fraction of ``d_sae``,
+            above which the dense step runs (speed only; the result is the same).
         (others as :class:`SparseAutoencoder`)
 
     Raises:
-        ConfigError: ``l0_coeff``, ``bandwidth`` or ``init_threshold`` not > 0 (and the base class's).
+        ConfigError: ``l0_coeff``, ``bandwidth`` or ``init_threshold`` not > 0, ``l0_warmup_steps < 0``,
+            ``pre_act_coeff < 0`` or ``sparse_max_fraction`` outside ``(0, 1]`` (and the base class's).
     """
 
     def __init__(self, d_model: int, d_sae: int, l0_coeff: float = 1.0, bandwidth: float = 0.001,
-                 init_threshold: float = 0.001, dead_tokens: int = 10_000_000) -> None:
+                 init_threshold: float = 0.001, dead_tokens: int = 10_000_000, l0_warmup_steps: int = 0,
+                 pre_act_coeff: float = 0.0, sparse_max_fraction: float = 0.1) -> None:
         for name, value in (("l0_coeff", l0_coeff), ("bandwidth", bandwidth), ("init_threshold", init_threshold)):
             _check_positive(name, value)
+        _check(l0_warmup_steps >= 0, "l0_warmup_steps", l0_warmup_steps, "be >= 0",
+               "set l0_warmup_steps >= 0 (0: no warm-up)")
+        _check_non_negative("pre_act_coeff", pre_act_coeff)
+        _check_fraction("sparse_max_fraction", sparse_max_fraction)
         self.l0_coeff, self.bandwidth, self.init_threshold = l0_coeff, bandwidth, init_threshold
+        self.l0_warmup_steps, self.pre_act_coeff, self.sparse_max_fraction = (
+            l0_warmup_steps, pre_act_coeff, sparse_max_fraction)
         super().__init__(d_model, d_sae, dead_tokens)
         self.log_threshold = nn.Parameter(torch.full((d_sae,), math.log(init_threshold)))
+        self.register_buffer("step", torch.tensor(0, dtype=torch.long))
+        #: whether the last sparse training step recomputed some rows in full (diagnostics; not saved)
+        self.last_fallback = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # SAEs saved before the warm-up existed have no step counter: start it at 0
+        state_dict.setdefault(prefix + "step", torch.zeros((), dtype=torch.long))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def code(self, x_n: torch.Tensor) -> SparseCode:
         return threshold_code(self.pre_acts(x_n, fp32=True), self.log_threshold.float().exp())
 
     def loss(self, x_n: torch.Tensor) -> SAELoss:
-        z = self.pre_acts(x_n, fp32=True)
         theta = self.log_threshold.float().exp()
-        f = _JumpReLU.apply(z, theta, self.bandwidth)
-        l0 = _Step.apply(z, theta, self.bandwidth).sum(-1).mean()
-        # the code also holds the zeros within bandwidth / 2 below the threshold: eq. 11 needs d loss / d f there
-        code = support_code(f, z.detach() > theta.detach() - self.bandwidth / 2)
+        eps, dead = self.bandwidth, self.dead_latents()
+        width = self.sparse_width()
+        if width is None:  # the dense step: plain autograd through all pre-activations
+            z = self.pre_acts(x_n, fp32=True)
+            f = _JumpReLU.apply(z, theta, eps)
+            l0 = _Step.apply(z, theta, eps).sum(-1).mean()
+            # the code also holds the zeros within bandwidth / 2 below the threshold: eq. 11 needs d loss / d f there
+            support = z.detach() > theta.detach() - eps / 2
+            nnz, count, n_dead = host_ints(support.sum(), support.sum(1).max(), dead.sum())
+            code = support_code(f, support, count)
+            self.note_support(nnz / max(len(x_n), 1))
+            self.last_fallback = False
+        else:  # the support z > theta - bandwidth / 2 only (exact; class docstring)
+            code, n_dead = self.support_entries(x_n, theta, eps / 2, True, width, dead)
+            z = self.attach_ragged(x_n, code, fp32=True)
+            theta_s = theta[code.indices]  # the gather sums the entries' threshold gradients per latent
+            l0 = _Step.apply(z, theta_s, eps).sum() / len(x_n)
+            code = code._replace(values=_JumpReLU.apply(z, theta_s, eps))
         x_hat = self.decode_n(code)
         mse = squared_error(x_n, x_hat)
-        return self._result(mse + self.l0_coeff * l0, {"mse": mse, "l0_penalty": l0}, x_hat, code)
+        loss = mse + warmup_scale(self.step, self.l0_warmup_steps) * self.l0_coeff * l0
+        terms = {"mse": mse, "l0_penalty": l0}
+        if self.pre_act_coeff > 0:
+            terms["pre_act"] = self.dead_pre_act_loss(x_n, dead, n_dead, theta, True)
+            loss = loss + self.pre_act_coeff * terms["pre_act"]
+        if self.training:
+            self.step.add_(1)
+        return self._result(loss, terms, x_hat, code)

@@ -42,16 +42,23 @@ class MPSAE(SparseAutoencoder):
         super().__init__(d_model, d_sae, dead_tokens)
 
     def code(self, x_n: torch.Tensor, steps: int | None = None) -> SparseCode:
-        """Matching pursuit for ``steps`` (default :attr:`steps`) steps on normalised inputs ``x_n``."""
+        """Matching pursuit for ``steps`` (default :attr:`steps`) steps on normalised inputs ``x_n``.
+
+        The correlations ``<r, W_dec,j>`` with every atom only choose the atom: they run without autograd (as
+        SAELens' matching-pursuit SAE), and the coefficient is recomputed as ``<r, W_dec,j>`` with the chosen
+        atom alone, so the backward touches ``steps`` atoms per token instead of a dense (N, d_sae) gradient.
+        The loss and gradients equal plain autograd through the full correlations (only the chosen entry of
+        each row carries gradient there too)."""
         residual = x_n - self.b_dec
         values, indices = [], []
         for _ in range(self.steps if steps is None else steps):
-            correlation = residual @ self.W_dec.t()
-            index = correlation.detach().argmax(dim=1, keepdim=True)
-            value = F.relu(correlation.gather(1, index))
-            residual = residual - value * self.W_dec[index.squeeze(1)]
+            with torch.no_grad():
+                index = (residual.detach() @ self.W_dec.detach().t()).argmax(dim=1)
+            atom = self.W_dec[index]  # (N, d): a differentiable gather of the chosen atoms
+            value = F.relu((residual * atom).sum(1, keepdim=True))
+            residual = residual - value * atom
             values.append(value)
-            indices.append(index)
+            indices.append(index[:, None])
         if not values:
             return SparseCode(x_n.new_zeros(len(x_n), 0), torch.zeros(len(x_n), 0, dtype=torch.long))
         return SparseCode(torch.cat(values, 1), torch.cat(indices, 1))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mim.sae.kernels import Selector, select_linear
+from mim.sae.kernels import Selector
 from mim.sae.variants.base import (
     SAELoss,
     SparseCode,
@@ -65,19 +65,20 @@ class TopAFASAE(TopKSAE):
         return SparseCode(values * keep, indices)
 
     def code(self, x_n: torch.Tensor) -> SparseCode:
-        values, indices = select_linear(x_n - self.b_dec, self.W_enc, self.b_enc, self._select(None))
+        values, indices = self.select_pre_acts(x_n, self._select(None))
         return self._afa(x_n, self.activate(values), indices)
 
     def loss(self, x_n: torch.Tensor) -> SAELoss:
-        dead = self.dead_latents()
-        dead = dead if bool(dead.any()) else None
-        values, indices = select_linear(x_n - self.b_dec, self.W_enc, self.b_enc, self._select(dead))
+        dead = self.step_dead_latents()
+        values, indices = self.select_pre_acts(x_n, self._select(dead))
         values = self.activate(values)
         code = self._afa(x_n, values[:, : self.k], indices[:, : self.k])
         x_hat = self.decode_n(code)
         mse = squared_error(x_n, x_hat)
         fvu = mse / batch_variance(x_n)
         afa = (code.values.float().norm(dim=1) - (x_n - self.b_dec).float().norm(dim=1)).pow(2).mean()
-        auxk = self._auxk(x_n, x_hat, values[:, self.k :], indices[:, self.k :]) if dead is not None else None
-        terms = {"mse": mse, "fvu": fvu, "afa": afa, "auxk": auxk if auxk is not None else torch.zeros_like(fvu)}
+        auxk = torch.zeros_like(fvu)
+        if dead is not None:
+            auxk = self.dead_auxk(x_n, x_hat, values[:, self.k :], indices[:, self.k :], dead)
+        terms = {"mse": mse, "fvu": fvu, "afa": afa, "auxk": auxk}
         return self._result(fvu + self.afa_coeff * afa + self.aux_coeff * terms["auxk"], terms, x_hat, code)

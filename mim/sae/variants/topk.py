@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from mim.sae.kernels import Selector, select_linear, sparse_decode
+from mim.sae.kernels import Selector, sparse_decode
 from mim.sae.variants.base import (
     SAELoss,
     SparseAutoencoder,
@@ -18,6 +20,14 @@ from mim.sae.variants.base import (
 )
 
 
+def aux_candidates(score: torch.Tensor, dead: torch.Tensor, k_aux: int) -> torch.Tensor:
+    """(n, min(k_aux, d_sae)) int64: per row, the ids of the largest ``score`` (n, d_sae) among the ``dead``
+    (d_sae,) bool latents (AuxK's, Gao et al. Sec. 2.4). Rows hold ``min(k_aux, d_sae)`` ids whatever the dead
+    count (no sync): when fewer than ``k_aux`` are dead the extra slots hold live ids, which the caller zeroes
+    (``values * dead[ids]``), so the code equals the top ``min(k_aux, n_dead)`` of the dead latents."""
+    return score.masked_fill(~dead, -math.inf).topk(min(k_aux, score.shape[1]), dim=1, sorted=False).indices
+
+
 class TopKSAE(SparseAutoencoder):
     """TopK SAE (Gao et al. 2024, arXiv 2406.04093, Sec. 2.3) with the AuxK loss on dead latents (Sec. 2.4).
 
@@ -25,6 +35,10 @@ class TopKSAE(SparseAutoencoder):
     docstring). AuxK: the ``k_aux`` largest pre-activations among dead latents (ReLU'd) reconstruct the detached
     residual ``e = x_n - x_hat_n`` (no ``b_dec``), normalised by the residual's batch variance as in
     openai/sparse_autoencoder (``normalized_mse``); 0 when no latent is dead.
+
+    Training step: one blocked encoder pass (:func:`~mim.sae.kernels.select_linear`) selects the top ``k`` and
+    AuxK's dead-latent candidates together (no second dense pass), with a sparse backward; no host-device sync
+    (see :meth:`step_dead_latents`).
 
     Args:
         d_model, d_sae, dead_tokens: see :class:`SparseAutoencoder`.
@@ -55,6 +69,7 @@ class TopKSAE(SparseAutoencoder):
         return F.relu(values)
 
     def _select(self, dead: torch.Tensor | None) -> Selector:
+        """Per block: the top ``k`` ids, then (with a ``dead`` mask) AuxK's ``min(k_aux, d_sae)`` candidates."""
         k, k_aux = self.k, self.k_aux
 
         def select(z: torch.Tensor) -> torch.Tensor:
@@ -62,20 +77,29 @@ class TopKSAE(SparseAutoencoder):
             top = score.topk(k, dim=1, sorted=False).indices
             if dead is None:
                 return top
-            ids = dead.nonzero().squeeze(1)
-            aux = score.index_select(1, ids).topk(min(k_aux, len(ids)), dim=1, sorted=False).indices
-            return torch.cat([top, ids[aux]], dim=1)
+            return torch.cat([top, aux_candidates(score, dead, k_aux)], dim=1)
 
         return select
 
+    def step_dead_latents(self) -> torch.Tensor | None:
+        """The dead mask (d_sae,) bool AuxK runs on this step, or ``None`` for no AuxK pass.
+
+        Without a host-device sync: on an accelerator it is always the mask (AuxK's candidates are computed
+        every step and its loss is multiplied by ``dead.any()``, so it is exactly 0 when none is dead); on the
+        CPU, where reading a tensor costs nothing, ``None`` when no latent is dead (the cheaper step).
+        """
+        dead = self.dead_latents()
+        if dead.device.type == "cpu" and not bool(dead.any()):
+            return None
+        return dead
+
     def code(self, x_n: torch.Tensor) -> SparseCode:
-        values, indices = select_linear(x_n - self.b_dec, self.W_enc, self.b_enc, self._select(None))
+        values, indices = self.select_pre_acts(x_n, self._select(None))
         return SparseCode(self.activate(values), indices)
 
     def loss(self, x_n: torch.Tensor) -> SAELoss:
-        dead = self.dead_latents()
-        dead = dead if bool(dead.any()) else None
-        values, indices = select_linear(x_n - self.b_dec, self.W_enc, self.b_enc, self._select(dead))
+        dead = self.step_dead_latents()
+        values, indices = self.select_pre_acts(x_n, self._select(dead))
         values = self.activate(values)
         code = SparseCode(values[:, : self.k], indices[:, : self.k])
         x_hat = self.decode_n(code)
@@ -83,8 +107,15 @@ class TopKSAE(SparseAutoencoder):
         fvu = mse / batch_variance(x_n)
         auxk = torch.zeros_like(fvu)
         if dead is not None:
-            auxk = self._auxk(x_n, x_hat, values[:, self.k :], indices[:, self.k :])
+            auxk = self.dead_auxk(x_n, x_hat, values[:, self.k :], indices[:, self.k :], dead)
         return self._result(fvu + self.aux_coeff * auxk, {"mse": mse, "fvu": fvu, "auxk": auxk}, x_hat, code)
+
+    def dead_auxk(self, x_n: torch.Tensor, x_hat: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+                  dead: torch.Tensor) -> torch.Tensor:
+        """AuxK of :func:`aux_candidates`' slots (``values`` already activated): live latents' slots zeroed, and 0
+        when no latent is dead (no sync)."""
+        values = values * dead[indices]
+        return self._auxk(x_n, x_hat, values, indices) * dead.any()
 
     def _auxk(self, x_n: torch.Tensor, x_hat: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """AuxK: the dead latents' code (``values``, ``indices``, no ``b_dec``) against the detached residual,

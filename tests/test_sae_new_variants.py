@@ -1,0 +1,262 @@
+"""Feature Choice, Mutual Choice, MSAE and Archetypal SAEs on real extracted features (ViT-Tiny/4 block-6 patch
+tokens of CIFAR-10, the ``sae_stores`` fixture): each one's defining property, that it learns, its save/load
+round trip, and the readable error of each bad configuration."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from mim.errors import ConfigError, UserError
+from mim.features import FeatureStore
+from mim.sae import (
+    MSAE,
+    VARIANTS,
+    ArchetypalSAE,
+    FeatureChoiceSAE,
+    MutualChoiceSAE,
+    SparseAutoencoder,
+    load_sae,
+    save_sae,
+)
+from mim.sae.variants.base import batch_variance, squared_error
+
+D, D_SAE, K, N = 192, 512, 16, 1024
+KWARGS = {
+    "FeatureChoiceSAE": {"k": K},
+    "MutualChoiceSAE": {"k": K},
+    "MSAE": {"ks": [4, 8, 16, 32]},
+    "ArchetypalSAE": {"k": K, "delta": 0.05},
+}
+SAE_KEY = "--model.init_args.sae.init_args."
+
+
+@pytest.fixture(scope="module")
+def tokens(sae_stores) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, val) patch tokens, (12800, 192) and (6400, 192) float32."""
+    train, val = (FeatureStore(p).read("patch").features.reshape(-1, D) for p in sae_stores)
+    return train, val
+
+
+def make(name: str, x: torch.Tensor, **overrides) -> SparseAutoencoder:
+    torch.manual_seed(0)
+    sae = VARIANTS[name](D, D_SAE, **{**KWARGS[name], **overrides})
+    sae.initialize(x[:4096])
+    return sae
+
+
+def train(sae: SparseAutoencoder, x: torch.Tensor, steps: int, lr: float = 2e-3) -> None:
+    """The step of :class:`mim.sae.module.SAETraining` (loss, parallel-gradient removal, Adam, decoder
+    constraint, firing bookkeeping), without Lightning."""
+    optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(0)
+    sae.train()
+    for _ in range(steps):
+        rows = torch.randint(len(x), (N,), generator=generator)
+        out = sae.loss(sae.normalize(x[rows]))
+        optimizer.zero_grad()
+        out.loss.backward()
+        sae.remove_parallel_grad_()
+        optimizer.step()
+        sae.normalize_decoder_()
+        sae.update_firing(out.fired, N)
+    sae.eval()
+
+
+def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    return float((x_hat - x).double().pow(2).sum() / (x - x.mean(0)).double().pow(2).sum())
+
+
+@pytest.fixture(scope="module")
+def trained(tokens) -> dict[str, tuple[SparseAutoencoder, float]]:
+    """Each new variant after 40 training steps, with its validation FVU before training."""
+    x, val = tokens
+    out = {}
+    for name in KWARGS:
+        sae = make(name, x)
+        with torch.no_grad():
+            before = fvu(val, sae(val).x_hat)
+        train(sae, x, steps=40, lr=1e-3 if name == "ArchetypalSAE" else 2e-3)  # 2e-3: a loss spike at step 40
+        out[name] = (sae, before)
+    return out
+
+
+@pytest.mark.parametrize("name", list(KWARGS))
+def test_each_new_variant_learns_and_round_trips(name, trained, tokens, tmp_path):
+    _, val = tokens
+    sae, before = trained[name]
+    with torch.no_grad():
+        out = sae(val)
+    after = fvu(val, out.x_hat)
+    assert after < 0.6 * before and after < 0.45, (before, after)
+    assert K / 2 <= out.code.l0().float().mean() <= 2.5 * K  # inference keeps about the training budget
+
+    path = save_sae(sae, tmp_path / "sae.safetensors")
+    loaded = load_sae(path.with_suffix(".json"))
+    assert type(loaded) is type(sae) and loaded.init_args() == sae.init_args()
+    with torch.no_grad():
+        a, b = sae(val[:500]), loaded(val[:500])
+    assert torch.equal(a.x_hat, b.x_hat) and torch.equal(a.code.values, b.code.values)
+
+
+# ------------------------------------------------------------------------------------------ feature / mutual choice
+def test_feature_choice_gives_each_latent_its_capacity_and_tokens_a_variable_count(trained, tokens):
+    sae, _ = trained["FeatureChoiceSAE"]
+    x_n = sae.normalize(tokens[1][:N])
+    with torch.no_grad():
+        code = sae.batch_code(x_n)
+        z = sae.pre_acts(x_n)
+    m = sae.capacities(N)
+    assert m.sum() == K * N and (m >= K * N // D_SAE).all() and (m <= K * N // D_SAE + 1).all()
+    fired = code.fired(D_SAE)
+    positive = (z > 0).sum(0)
+    assert torch.equal(fired, torch.minimum(m, positive))  # exactly the capacity, fewer only where z <= 0
+    dense = code.to_dense(D_SAE)
+    for j in range(0, D_SAE, 37):  # each latent kept its best tokens
+        kept = dense[:, j] > 0
+        if kept.any() and (~kept).any():
+            assert z[kept, j].min() >= z[~kept, j].max()
+    counts = code.l0().float()
+    assert counts.mean() == pytest.approx(fired.sum().item() / N) and counts.std() > 1 and counts.min() < K < counts.max()
+
+
+def test_feature_choice_zipf_capacities_and_a_budget_the_batch_cannot_cover():
+    sae = FeatureChoiceSAE(16, 64, k=4, zipf_exponent=0.8)
+    m = sae.capacities(256)
+    assert m.sum() == 4 * 256 and m[0] == m.max() and m[0] > 3 * m[-1]
+    with pytest.raises(ConfigError) as err:
+        FeatureChoiceSAE(16, 64, k=32, zipf_exponent=1.0)  # latent 0 would be owed 6.8 x the batch
+    message = str(err.value)
+    assert message.startswith("SAE zipf_exponent must give capacities that cover the batch") and "Fix: " in message
+    assert message.endswith(f"({SAE_KEY}zipf_exponent).")
+
+
+def test_mutual_choice_keeps_exactly_k_times_n_entries_the_batch_top(trained, tokens):
+    sae, _ = trained["MutualChoiceSAE"]
+    x_n = sae.normalize(tokens[1][:N])
+    with torch.no_grad():
+        code = sae.batch_code(x_n)
+        z = sae.pre_acts(x_n)
+    assert (z > 0).sum() > K * N
+    active = code.values != 0
+    assert int(active.sum()) == K * N
+    dense = code.to_dense(D_SAE)
+    assert z[dense > 0].min() >= z[dense == 0].max()  # the global top k * N of the token x latent matrix
+    counts = code.l0()
+    assert counts.float().std() > 1 and counts.max() > 2 * K
+
+
+@pytest.mark.parametrize("name", ["FeatureChoiceSAE", "MutualChoiceSAE"])
+def test_choice_loss_and_gradients_equal_a_dense_reference(name, tokens):
+    x, _ = tokens
+    sae = make(name, x, underused_fraction=0.0)
+    x_n = sae.normalize(x[:N])
+    sae.loss(x_n).loss.backward()
+    sparse = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+    z = sae.pre_acts(x_n)
+    keep = sae.keep(z.detach()) & (z.detach() > 0)
+    x_hat = (torch.relu(z) * keep) @ sae.W_dec + sae.b_dec
+    (squared_error(x_n, x_hat) / batch_variance(x_n)).backward()
+    for n, p in sae.named_parameters():
+        torch.testing.assert_close(sparse[n], p.grad, rtol=1e-5, atol=1e-5 * float(p.grad.abs().max()))
+
+
+def test_choice_inference_is_per_token_topk_until_trained_then_a_threshold(tokens):
+    x, val = tokens
+    for name in ("FeatureChoiceSAE", "MutualChoiceSAE"):
+        sae = make(name, x)
+        assert (sae.encode(val[:256]).l0() == K).all()  # no threshold yet: TopK per token
+        train(sae, x, steps=2)
+        code = sae.encode(val[:256])
+        assert code.l0().float().std() > 0  # a threshold: variable count per token
+    assert sae.threshold.item() > 0 and int(sae.threshold_updates) == 2
+
+
+def test_under_used_latents_join_the_auxiliary_loss(tokens):
+    x, _ = tokens
+    sae = make("MutualChoiceSAE", x)
+    sae.train()
+    assert sae.loss(sae.normalize(x[:N])).terms["auxk"] == 0  # nothing dead or under-used yet
+    sae.firing_rate[:10] = 0.0  # ten latents that have not fired lately
+    out = sae.loss(sae.normalize(x[:N]))
+    assert out.terms["aux_latents"] == 10 and out.terms["auxk"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------------- MSAE
+def test_msae_loss_is_the_weighted_mean_of_prefix_losses_and_prefixes_nest(trained, tokens):
+    x, val = tokens
+    for weighting, weights in (("uniform", [0.25] * 4), ("reverse", [0.4, 0.3, 0.2, 0.1])):
+        sae = make("MSAE", x, weighting=weighting)
+        assert sae.prefix_weights() == pytest.approx(weights)
+        x_n = sae.normalize(x[:N])
+        out = sae.loss(x_n)
+        assert out.terms["auxk"] == 0 and out.l0 == 32
+        expected = sum(w * out.terms[f"fvu_k{k}"] for w, k in zip(weights, sae.ks))
+        torch.testing.assert_close(out.loss, expected)
+        # prefix i is the top-k_i of one sorted code: its own TopK code gives the same reconstruction
+        x_hat_8 = sae.decode_n(sae.code_k(x_n, 8))
+        torch.testing.assert_close(out.terms["fvu_k8"], squared_error(x_n, x_hat_8) / batch_variance(x_n))
+
+    sae, _ = trained["MSAE"]
+    with torch.no_grad():
+        fvus = [fvu(val, sae.decode(sae.encode_k(val, k))) for k in sae.ks]
+    assert all(b < a for a, b in itertools.pairwise(fvus)), fvus  # more active latents, less unexplained variance
+    assert fvus[-1] < 0.5 * fvus[0]
+    assert (sae.encode(val[:64]).l0() <= 32).all()
+
+
+# ----------------------------------------------------------------------------------------------------- archetypal
+def test_archetypal_atoms_stay_within_delta_of_the_hull_of_the_candidates(trained, tokens):
+    sae, _ = trained["ArchetypalSAE"]
+    A, C, relax = sae.mixing.detach(), sae.archetypes, sae.relaxation.detach()
+    assert C.shape == (D_SAE, D) and C.abs().sum() > 0
+    assert (A >= 0).all()
+    torch.testing.assert_close(A.sum(1), torch.ones(D_SAE))
+    norms = (sae.W_dec.detach() - A @ C).norm(dim=1)
+    torch.testing.assert_close(norms, relax.norm(dim=1))
+    assert norms.max() <= sae.delta * (1 + 1e-5) and norms.max() > 0.5 * sae.delta  # the relaxation is used
+    assert (A.max(1).values < 1).float().mean() > 0.2  # atoms moved off their initial data point (unused ones cannot)
+
+    fresh = make("ArchetypalSAE", tokens[0])
+    assert "W_dec" not in dict(fresh.named_parameters()) and fresh.W_dec.shape == (D_SAE, D)  # computed, not free
+    ids = fresh.mixing.argmax(1)
+    torch.testing.assert_close(fresh.W_dec, fresh.archetypes[ids])  # each atom starts at one candidate
+
+
+def test_archetypal_candidates_need_enough_sample_tokens(tokens):
+    x, _ = tokens
+    sae = ArchetypalSAE(D, 64, k=4, n_candidates=600)
+    with pytest.raises(UserError, match=r"at least n_candidates=600 sample tokens.*got 500\. Fix: lower "
+                                        r"--model\.init_args\.sae\.init_args\.n_candidates"):
+        sae.initialize(x[:500])
+    sae.initialize(x[:600])  # enough: ``sample`` candidates are distinct tokens
+    assert torch.isfinite(sae.W_dec).all()
+
+
+# ------------------------------------------------------------------------------------------------------ bad input
+BAD = [
+    (lambda: MSAE(16, 64, ks=[8, 4, 16]), "ks", "increase strictly within [1, d_sae=64]"),
+    (lambda: MSAE(16, 64, ks=[8, 128]), "ks", "got [8, 128]"),
+    (lambda: MSAE(16, 64, ks=[]), "ks", "got []"),
+    (lambda: MSAE(16, 64, ks=[4, 8], inference_k=16), "inference_k", "be in [1, k_max=8]"),
+    (lambda: MSAE(16, 64, weighting="linear"), "weighting", "be one of ['uniform', 'reverse']"),
+    (lambda: FeatureChoiceSAE(16, 64, k=65), "k", "be in [1, d_sae=64]"),
+    (lambda: FeatureChoiceSAE(16, 64, k=4, zipf_exponent=-1.0), "zipf_exponent", "be >= 0"),
+    (lambda: MutualChoiceSAE(16, 64, k=4, underused_fraction=1.0), "underused_fraction", "lie in [0, 1)"),
+    (lambda: MutualChoiceSAE(16, 64, k=4, threshold_beta=1.0), "threshold_beta", "lie in [0, 1)"),
+    (lambda: ArchetypalSAE(16, 64, k=4, n_candidates=0), "n_candidates", "be positive"),
+    (lambda: ArchetypalSAE(16, 64, k=4, delta=-0.1), "delta", "be >= 0"),
+    (lambda: ArchetypalSAE(16, 64, k=4, candidates="random"), "candidates", "be one of ['kmeans', 'sample']"),
+]
+
+
+@pytest.mark.parametrize(("build", "name", "fragment"), BAD, ids=[f"{i}-{c[1]}" for i, c in enumerate(BAD)])
+def test_bad_configuration_is_one_readable_error_at_construction(build, name, fragment):
+    with pytest.raises(ConfigError) as err:
+        build()
+    message = str(err.value)
+    assert message.startswith(f"SAE {name} must") and fragment in message and "Fix: " in message, message
+    assert message.endswith(f"({SAE_KEY}{name}).")
