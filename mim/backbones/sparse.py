@@ -16,7 +16,9 @@ patching). For one forward :class:`SparseEncoder` enters :func:`active_sites`, a
 - ``batch_norm``: mean and variance over the active sites only, reduced across ranks under DDP.
 
 Every layer keeps the invariant "zero outside the active sites", so the elementwise ops in between
-(activations, residual additions, layer scale, drop path) need no handling.
+(activations, residual additions, layer scale, drop path) need no handling. The maps may be NCHW or
+``torch.channels_last`` (NHWC memory, what :class:`mim.methods.SparK` uses by default): the
+``(B, 1, H, W)`` masks broadcast over either layout.
 """
 
 from __future__ import annotations
@@ -78,12 +80,18 @@ class _MaskedBatchNorm(torch.autograd.Function):
     """Batch norm over the active sites with a hand-written backward: a few fused passes instead of
     autograd's chain of elementwise ops (the difference between 1.6x and 1.3x a dense ResNet pass).
 
-    Forward: ``y = ((x - mean) * invstd * weight + bias) * sites`` with ``mean``, ``var`` over the
-    active sites. Backward (the BatchNorm1d gradient on the active rows, zero elsewhere), with
-    ``g = dy * sites``, ``c = (x - mean) * sites`` and sums over the batch and sites:
-    ``dx = sites * weight * invstd * (g - sum(g) / n - c * invstd**2 * sum(g * c) / n)``,
+    Forward: ``y = (x - mean) * sites * invstd * weight + bias * sites`` with ``mean``, ``var`` over
+    the active sites. Backward (the BatchNorm1d gradient on the active rows, zero elsewhere), with
+    ``g = dy * sites``, ``c = (x - mean) * sites``, ``a = weight * invstd`` and sums over the batch
+    and sites: ``dx = a * g - a * invstd**2 * sum(g * c) / n * c - a * sum(g) / n * sites``,
     ``dweight = invstd * sum(g * c)``, ``dbias = sum(g)``; under ``sync`` the counts and the sums
     are reduced across ranks, as ``SyncBatchNorm`` does.
+
+    The two sums and ``a * g`` come from one fused pass, ATen's eval-mode batch-norm backward
+    (``native_batch_norm_backward`` with mean 0, variance 1, eps 0, weight ``a``, applied to ``g``
+    and ``c``: it returns ``a * g``, ``sum(g * c)``, ``sum(g)``); it reads NCHW and
+    ``channels_last`` maps alike (an ``einsum`` for ``sum(g * c)`` costs a transposing copy and
+    a batched matmul, slowest in ``channels_last``).
     """
 
     @staticmethod
@@ -100,8 +108,8 @@ class _MaskedBatchNorm(torch.autograd.Function):
         invstd = torch.rsqrt(var + eps)
         scale = invstd if weight is None else invstd * weight
         out = centred * scale[None, :, None, None]
-        if bias is not None:
-            out = out.add_(bias[None, :, None, None]).mul_(sites)
+        if bias is not None:  # centred is zero outside the active sites: only the bias needs the mask
+            out = out.addcmul_(sites, bias[None, :, None, None])
         ctx.save_for_backward(centred, sites, invstd, weight, count)
         ctx.sync, ctx.has_bias = sync, bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -112,21 +120,37 @@ class _MaskedBatchNorm(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor, _mean: Any, _var: Any) -> tuple[Any, ...]:
         centred, sites, invstd, weight, count = ctx.saved_tensors
         g = grad_out * sites
-        sums = torch.stack([g.sum(dim=(0, 2, 3)), torch.einsum("bchw,bchw->c", g, centred)])
+        a = invstd if weight is None else invstd * weight  # in the compute dtype (float32 / float64)
+        grad_a, sum_gc, sum_g = _fused_grad_sums(g, centred, a)
+        sums = torch.stack([sum_g, sum_gc])
         grad_weight = sums[1] * invstd if weight is not None and ctx.needs_input_grad[2] else None
         grad_bias = sums[0].clone() if ctx.has_bias and ctx.needs_input_grad[3] else None
         if ctx.sync:
             _all_reduce_(sums)
-        a = invstd if weight is None else invstd * weight
         k1 = -a * invstd.square() * sums[1] / count
         k0 = -a * sums[0] / count
-        grad_x = torch.addcmul(g * a[None, :, None, None], centred, k1[None, :, None, None])
-        grad_x = grad_x.add_(k0[None, :, None, None]).mul_(sites)
+        # g and centred are zero outside the active sites: only the constant term needs the mask
+        grad_x = grad_a.addcmul_(centred, k1[None, :, None, None]).addcmul_(sites, k0[None, :, None, None])
         if grad_weight is not None:  # each gradient in its parameter's dtype (float32 weights, float64 input)
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(ctx.bias_dtype)
         return grad_x, None, grad_weight, grad_bias, None, None
+
+
+def _fused_grad_sums(g: torch.Tensor, centred: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(a * g, sum(g * centred), sum(g))`` over dims 0, 2, 3 of two ``(B, C, H, W)`` maps in one pass.
+
+    ATen's eval-mode batch-norm backward with running mean 0, running variance 1 and eps 0 (so its
+    ``invstd`` is exactly 1) computes ``grad_input = dy * weight``, ``grad_weight = sum(dy * x)``,
+    ``grad_bias = sum(dy)`` fused, for any memory format, on CPU and CUDA. ``a``: ``(C,)`` in the
+    maps' dtype.
+    """
+    zeros = torch.zeros_like(a)
+    ones = torch.ones_like(a)
+    return torch.ops.aten.native_batch_norm_backward(
+        g, centred, a, zeros, ones, None, None, False, 0.0, [True, True, True]
+    )
 
 
 class _ActiveSites(TorchFunctionMode):
@@ -219,7 +243,7 @@ def masked_batch_norm(
     """Batch normalisation with statistics over the active sites only (SparK Sec. 3.1, sparse BN).
 
     Args:
-        x: ``(B, C, H, W)`` float, zero outside the active sites. Statistics and normalisation run in
+        x: ``(B, C, H, W)`` float (NCHW or ``channels_last``), zero outside the active sites. Statistics and normalisation run in
             ``float32``, or in ``float64`` for a ``float64`` input (half / bfloat16 inputs are promoted to
             ``float32``); the output has the input's dtype, and so has its gradient.
         sites: ``(B, 1, H, W)`` float in {0, 1}, 1 = active.
