@@ -10,7 +10,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from mim.sae.kernels import select_linear
+from mim.sae.kernels import attach_linear_grad_ragged, ragged_decode, select_linear
 from mim.sae.variants.base import (
     SAELoss,
     SparseAutoencoder,
@@ -26,42 +26,14 @@ from mim.sae.variants.base import (
 from mim.sae.variants.msae import auxk_loss
 
 
-class _PairLinear(torch.autograd.Function):
-    """``values[p] = x[rows[p]] . weight[cols[p]] + bias[cols[p]]`` at P chosen (token, latent) pairs, with the
-    values already computed (the forward's dense ``z`` under ``no_grad``) and a backward that touches only the
-    pairs: ``dx`` an ``embedding_bag`` over each token's pairs (``rows`` token-major, ``offsets`` each token's
-    first pair), ``dW = S^T x`` a sparse COO matmul, ``db`` a scatter-add (as
-    :func:`~mim.sae.kernels.select_linear`, for a variable number of entries per token)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, rows, cols, offsets, values):
-        ctx.save_for_backward(x, weight, rows, cols, offsets)
-        return values.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, rows, cols, offsets = ctx.saved_tensors
-        grad = grad.contiguous().to(weight.dtype)
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(cols, weight, offsets, per_sample_weights=grad, mode="sum")
-        if ctx.needs_input_grad[1]:
-            pairs = torch.sparse_coo_tensor(torch.stack([cols, rows]), grad, (weight.shape[0], x.shape[0]),
-                                            check_invariants=False)
-            grad_w = torch.sparse.mm(pairs, x.to(weight.dtype))
-        if ctx.needs_input_grad[2]:
-            grad_b = grad.new_zeros(weight.shape[0]).index_add_(0, cols, grad)
-        return grad_x, grad_w, grad_b, None, None, None, None
-
-
 class _ChoiceSAE(SparseAutoencoder):
     """Shared part of :class:`FeatureChoiceSAE` and :class:`MutualChoiceSAE` (see their docstrings).
 
     Training code: the whole batch's pre-activations ``z`` (N, d_sae) are computed once, in float32 (also under
     autocast, since a threshold is estimated from them) and without autograd; the batch-level rule
     (:meth:`keep`) picks the entries, which stay flat (token, latent) pairs: the decoder is an ``embedding_bag``
-    over each token's pairs and the encoder's backward touches only the pairs (:class:`_PairLinear`), so a
-    token with many latents costs no padding. ``f = ReLU(z)`` at the kept entries: an entry with ``z <= 0``
+    over each token's pairs and the encoder's backward touches only the pairs
+    (:func:`~mim.sae.kernels.attach_linear_grad_ragged`), so a token with many latents costs no padding. ``f = ReLU(z)`` at the kept entries: an entry with ``z <= 0``
     is never kept.
     """
 
@@ -102,14 +74,14 @@ class _ChoiceSAE(SparseAutoencoder):
         (P,) int64 in token-major order, ``offsets`` (N,) int64 (each token's first pair) and ``values`` (P,)
         float32 ``= ReLU(z)`` there, differentiable in ``W_enc``, ``b_enc`` and ``b_dec``. ``z`` is computed
         once, in float32 (also under autocast) and without autograd; the backward touches only the P pairs
-        (:class:`_PairLinear`). Updates the inference threshold in training."""
+        (:func:`~mim.sae.kernels.attach_linear_grad_ragged`). Updates the inference threshold in training."""
         with _without_autocast(x_n.device):
             centred = x_n.float() - self.b_dec
             with torch.no_grad():
                 z = F.linear(centred, self.W_enc, self.b_enc)
                 rows, cols = (self.keep(z) & (z > 0)).nonzero(as_tuple=True)
                 offsets = torch.searchsorted(rows, torch.arange(len(z), device=z.device))
-            values = _PairLinear.apply(centred, self.W_enc, self.b_enc, rows, cols, offsets, z[rows, cols])
+            values = attach_linear_grad_ragged(centred, self.W_enc, self.b_enc, z[rows, cols], cols, rows, offsets)
         if self.training:
             self._update_threshold(cols, values.detach())
         return rows, cols, offsets, values
@@ -130,7 +102,7 @@ class _ChoiceSAE(SparseAutoencoder):
 
     def loss(self, x_n: torch.Tensor) -> SAELoss:
         _, cols, offsets, values = self.batch_pairs(x_n)
-        x_hat = F.embedding_bag(cols, self.W_dec, offsets, per_sample_weights=values, mode="sum") + self.b_dec
+        x_hat = ragged_decode(values, cols, offsets, self.W_dec) + self.b_dec
         mse = squared_error(x_n, x_hat)
         fvu = mse / batch_variance(x_n)
         candidates = self.aux_candidates()
@@ -179,7 +151,8 @@ class FeatureChoiceSAE(_ChoiceSAE):
     coefficient were not reproduced here; coefficient 1/32 as AuxK). A feature-choice latent fires on its full
     capacity whenever its pre-activations are positive, so the term mostly stays 0.
 
-    Inference (a token must not depend on its batch): each latent's own threshold ``theta_j`` (buffer ``latent_thresholds``), an estimate of
+    Inference (a token must not depend on its batch): each latent's own threshold ``theta_j`` (buffer
+    ``latent_thresholds``), an estimate of
     its smallest kept activation in training (plain mean over the first ``1 / (1 - threshold_beta)``
     updates of that latent, then an EMA), ``f_j = z_j * (z_j > theta_j)`` (a JumpReLU with per-latent
     thresholds, so each latent keeps its expected capacity; the paper does not specify an inference rule, this
