@@ -373,6 +373,18 @@ class SparseAutoencoder(nn.Module):
         """One training step's loss on normalised inputs ``x_n`` (N, d_model)."""
         raise NotImplementedError
 
+    def dense_step_result(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], x_hat: torch.Tensor,
+                          f: torch.Tensor) -> SAELoss:
+        """The :class:`SAELoss` of a dense step: ``f`` (N, d_sae) the dense code (firing where non-zero)."""
+        active = f.detach() != 0
+        return SAELoss(loss, terms, x_hat, active.sum(0), active.sum(1).float().mean())
+
+    def dense_decode_n(self, f: torch.Tensor) -> torch.Tensor:
+        """``x_hat_n = f W_dec + b_dec`` of a dense code ``f`` (N, d_sae) by one matmul, in float32 also under
+        autocast (the dense step of the penalised variants while their code is dense)."""
+        with _without_autocast(f.device):
+            return f.float() @ self.W_dec.float() + self.b_dec.float()
+
     def _result(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], x_hat: torch.Tensor,
                 code: SparseCode | RaggedCode) -> SAELoss:
         """The :class:`SAELoss` of a step (``terms`` must hold ``mse``), with the firing counts of ``code``."""

@@ -33,8 +33,8 @@ class _ChoiceSAE(SparseAutoencoder):
     autocast, since a threshold is estimated from them) and without autograd; the batch-level rule
     (:meth:`keep`) picks the entries, which stay flat (token, latent) pairs: the decoder is an ``embedding_bag``
     over each token's pairs and the encoder's backward touches only the pairs
-    (:func:`~mim.sae.kernels.attach_linear_grad_ragged`), so a token with many latents costs no padding. ``f = ReLU(z)`` at the kept entries: an entry with ``z <= 0``
-    is never kept.
+    (:func:`~mim.sae.kernels.attach_linear_grad_ragged`), so a token with many latents costs no padding.
+    ``f = ReLU(z)`` at the kept entries: an entry with ``z <= 0`` is never kept.
     """
 
     #: EMA decay (per training step) of each latent's firing rate, which decides "under-used"

@@ -18,7 +18,6 @@ from mim.sae.variants.base import (
     _check_positive,
     host_ints,
     squared_error,
-    support_code,
     threshold_code,
 )
 from mim.sae.variants.relu import warmup_scale
@@ -143,23 +142,23 @@ class JumpReLUSAE(SupportStep, SparseAutoencoder):
         theta = self.log_threshold.float().exp()
         eps, dead = self.bandwidth, self.dead_latents()
         width = self.sparse_width()
-        if width is None:  # the dense step: plain autograd through all pre-activations
+        f = None
+        if width is None:  # the dense step: plain autograd through all pre-activations, a dense decoder matmul
             z = self.pre_acts(x_n, fp32=True)
             f = _JumpReLU.apply(z, theta, eps)
             l0 = _Step.apply(z, theta, eps).sum(-1).mean()
-            # the code also holds the zeros within bandwidth / 2 below the threshold: eq. 11 needs d loss / d f there
-            support = z.detach() > theta.detach() - eps / 2
-            nnz, count, n_dead = host_ints(support.sum(), support.sum(1).max(), dead.sum())
-            code = support_code(f, support, count)
+            # the support the next step's width follows: f != 0 and the zeros within bandwidth / 2 below theta
+            nnz, n_dead = host_ints((z.detach() > theta.detach() - eps / 2).sum(), dead.sum())
             self.note_support(nnz / max(len(x_n), 1))
             self.last_fallback = False
+            x_hat = self.dense_decode_n(f)
         else:  # the support z > theta - bandwidth / 2 only (exact; class docstring)
             code, n_dead = self.support_entries(x_n, theta, eps / 2, True, width, dead)
             z = self.attach_ragged(x_n, code, fp32=True)
             theta_s = theta[code.indices]  # the gather sums the entries' threshold gradients per latent
             l0 = _Step.apply(z, theta_s, eps).sum() / len(x_n)
             code = code._replace(values=_JumpReLU.apply(z, theta_s, eps))
-        x_hat = self.decode_n(code)
+            x_hat = self.decode_n(code)
         mse = squared_error(x_n, x_hat)
         loss = mse + warmup_scale(self.step, self.l0_warmup_steps) * self.l0_coeff * l0
         terms = {"mse": mse, "l0_penalty": l0}
@@ -168,4 +167,6 @@ class JumpReLUSAE(SupportStep, SparseAutoencoder):
             loss = loss + self.pre_act_coeff * terms["pre_act"]
         if self.training:
             self.step.add_(1)
+        if f is not None:
+            return self.dense_step_result(loss, terms, x_hat, f)
         return self._result(loss, terms, x_hat, code)

@@ -16,7 +16,6 @@ from mim.sae.variants.base import (
     _check_positive,
     host_ints,
     squared_error,
-    support_code,
     threshold_code,
 )
 
@@ -86,19 +85,19 @@ class ReLUSAE(SupportStep, SparseAutoencoder):
         dead = self.dead_latents()
         norms = self.W_dec.norm(dim=1)
         width = self.sparse_width()
-        if width is None:  # the dense step: plain autograd through all pre-activations
+        f = None
+        if width is None:  # the dense step: plain autograd through all pre-activations, a dense decoder matmul
             f = F.relu(self.pre_acts(x_n))
-            support = f.detach() > 0
-            nnz, count, n_dead = host_ints(support.sum(), support.sum(1).max(), dead.sum())
-            code = support_code(f, support, count)
+            nnz, n_dead = host_ints((f.detach() > 0).sum(), dead.sum())
             l1 = (f * norms).sum(-1).mean()
             self.note_support(nnz / max(len(x_n), 1))
             self.last_fallback = False
+            x_hat = self.dense_decode_n(f)
         else:  # the positive entries only (exact; class docstring)
             code, n_dead = self.support_entries(x_n, None, 0.0, False, width, dead)
             code = code._replace(values=F.relu(self.attach_ragged(x_n, code)))
             l1 = (code.values * norms[code.indices]).sum() / len(x_n)
-        x_hat = self.decode_n(code)
+            x_hat = self.decode_n(code)
         mse = squared_error(x_n, x_hat)
         loss = mse + warmup_scale(self.step, self.l1_warmup_steps) * self.l1_coeff * l1
         terms = {"mse": mse, "l1": l1}
@@ -107,4 +106,6 @@ class ReLUSAE(SupportStep, SparseAutoencoder):
             loss = loss + self.pre_act_coeff * terms["pre_act"]
         if self.training:
             self.step.add_(1)
+        if f is not None:
+            return self.dense_step_result(loss, terms, x_hat, f)
         return self._result(loss, terms, x_hat, code)
