@@ -350,7 +350,8 @@ def benchmarks(plan: Plan) -> list[tuple[str, list[str], int]]:
         ("tools/bench_pretrain.py", ["--device", "cuda", "--precision", "bf16", "--batch-size", "256",
                                      "--steps", "10", "--warmup", "3", "--repeats", "3"], 150),
         ("tools/bench_sae.py", ["--device", "cuda", "--bf16", "--d", "768", "--d-sae", "16384", "--k", "32",
-                                "--batch", "4096", "--steps", "20", "--warmup", "5", "--repeats", "3"], 90),
+                                "--batch", "4096", "--steps", "20", "--warmup", "5", "--repeats", "3",
+                                "--variants", "TopKSAE,BatchTopKSAE,JumpReLUSAE", "--no-peers"], 90),
         ("tools/bench_extract.py", ["--device", "cuda", "--images", "10000", "--batch-size", "512",
                                     "--shard-size", "2048", "--repeats", "2"], 120),
     ]
