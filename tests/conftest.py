@@ -10,6 +10,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: one thread per worker (and per subprocess it starts),
+    os.environ["OMP_NUM_THREADS"] = "1"    # so that N workers share N cores without spinning OpenMP threads
+    torch.set_num_threads(1)
+
 
 def shared_data_root() -> Path:
     """``$MIM_DATA`` when set, else ``../shared/data`` beside the repository."""
@@ -79,3 +83,17 @@ def sae_stores(tmp_path_factory, shared_data: Path) -> tuple[Path, Path]:
     train = extract_store(folder / "train", shared_data, str(encoder), "train", 20, tokens, layer=6)
     val = extract_store(folder / "val", shared_data, str(encoder), "val", 10, tokens, layer=6)
     return train, val
+
+
+#: Files whose tests start subprocesses (DDP ranks, killed-and-resumed runs): they run first, the longest first of
+#: all, so that under ``pytest -n`` the workers end together instead of one finishing a long test alone.
+SUBPROCESS_FILES = ("test_ddp_configs.py", "test_resume.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def order(item: pytest.Item) -> int:
+        if item.name == "test_extract_sae_cache_and_splice_configs_under_ddp":
+            return 0
+        return 1 if item.path.name in SUBPROCESS_FILES else 2
+
+    items.sort(key=order)  # stable: file order within each group
