@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -424,6 +425,13 @@ class SparseAutoencoder(nn.Module):
             self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
 
+def warmup_scale(step: torch.Tensor, warmup_steps: int) -> torch.Tensor | float:
+    """``min(1, (step + 1) / warmup_steps)`` on the device (no sync), 1 without a warm-up."""
+    if not warmup_steps:
+        return 1.0
+    return ((step + 1).float() / warmup_steps).clamp_max(1.0)
+
+
 class SupportStep:
     """Mixin of the threshold variants' exact sparse training step (:class:`~mim.sae.variants.ReLUSAE`,
     :class:`~mim.sae.variants.JumpReLUSAE`): the support ``{z > offset - margin}`` as a :class:`RaggedCode`.
@@ -503,3 +511,22 @@ class SupportStep:
             z = F.linear(x_n - self.b_dec, self.W_enc[ids], self.b_enc[ids])
         below = F.relu((0.0 if threshold is None else threshold[ids]) - z.float())
         return (below * self.W_dec[ids].norm(dim=1)).sum(1).mean()
+
+    def penalised_result(self, x_n: torch.Tensor, x_hat: torch.Tensor, penalty_name: str, penalty: torch.Tensor,
+                         coeff: float, warmup_steps: int, pre_act: Callable[[], torch.Tensor],
+                         dense: torch.Tensor | None, code: RaggedCode | None) -> SAELoss:
+        """The threshold variants' loss: ``mse + w * coeff * penalty`` (``w``: :func:`warmup_scale` of the
+        ``step`` buffer), plus ``pre_act_coeff * pre_act()`` (:meth:`dead_pre_act_loss`) when that is on; in
+        training it advances ``step``. ``dense``: the dense step's (N, d_sae) code, else ``None`` and ``code`` the
+        sparse step's entries. Logged terms: ``mse``, ``penalty_name``, ``pre_act``."""
+        mse = squared_error(x_n, x_hat)
+        loss = mse + warmup_scale(self.step, warmup_steps) * coeff * penalty
+        terms = {"mse": mse, penalty_name: penalty}
+        if self.pre_act_coeff > 0:
+            terms["pre_act"] = pre_act()
+            loss = loss + self.pre_act_coeff * terms["pre_act"]
+        if self.training:
+            self.step.add_(1)
+        if dense is not None:
+            return self.dense_step_result(loss, terms, x_hat, dense)
+        return self._result(loss, terms, x_hat, code)

@@ -17,10 +17,8 @@ from mim.sae.variants.base import (
     _check_non_negative,
     _check_positive,
     host_ints,
-    squared_error,
     threshold_code,
 )
-from mim.sae.variants.relu import warmup_scale
 
 
 def _rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -159,14 +157,6 @@ class JumpReLUSAE(SupportStep, SparseAutoencoder):
             l0 = _Step.apply(z, theta_s, eps).sum() / len(x_n)
             code = code._replace(values=_JumpReLU.apply(z, theta_s, eps))
             x_hat = self.decode_n(code)
-        mse = squared_error(x_n, x_hat)
-        loss = mse + warmup_scale(self.step, self.l0_warmup_steps) * self.l0_coeff * l0
-        terms = {"mse": mse, "l0_penalty": l0}
-        if self.pre_act_coeff > 0:
-            terms["pre_act"] = self.dead_pre_act_loss(x_n, dead, n_dead, theta, True)
-            loss = loss + self.pre_act_coeff * terms["pre_act"]
-        if self.training:
-            self.step.add_(1)
-        if f is not None:
-            return self.dense_step_result(loss, terms, x_hat, f)
-        return self._result(loss, terms, x_hat, code)
+        return self.penalised_result(x_n, x_hat, "l0_penalty", l0, self.l0_coeff, self.l0_warmup_steps,
+                                     lambda: self.dead_pre_act_loss(x_n, dead, n_dead, theta, True), f,
+                                     None if f is not None else code)

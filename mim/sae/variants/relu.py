@@ -15,16 +15,8 @@ from mim.sae.variants.base import (
     _check_non_negative,
     _check_positive,
     host_ints,
-    squared_error,
     threshold_code,
 )
-
-
-def warmup_scale(step: torch.Tensor, warmup_steps: int) -> torch.Tensor | float:
-    """``min(1, (step + 1) / warmup_steps)`` on the device (no sync), 1 without a warm-up."""
-    if not warmup_steps:
-        return 1.0
-    return ((step + 1).float() / warmup_steps).clamp_max(1.0)
 
 
 class ReLUSAE(SupportStep, SparseAutoencoder):
@@ -98,14 +90,6 @@ class ReLUSAE(SupportStep, SparseAutoencoder):
             code = code._replace(values=F.relu(self.attach_ragged(x_n, code)))
             l1 = (code.values * norms[code.indices]).sum() / len(x_n)
             x_hat = self.decode_n(code)
-        mse = squared_error(x_n, x_hat)
-        loss = mse + warmup_scale(self.step, self.l1_warmup_steps) * self.l1_coeff * l1
-        terms = {"mse": mse, "l1": l1}
-        if self.pre_act_coeff > 0:
-            terms["pre_act"] = self.dead_pre_act_loss(x_n, dead, n_dead, None, False)
-            loss = loss + self.pre_act_coeff * terms["pre_act"]
-        if self.training:
-            self.step.add_(1)
-        if f is not None:
-            return self.dense_step_result(loss, terms, x_hat, f)
-        return self._result(loss, terms, x_hat, code)
+        return self.penalised_result(x_n, x_hat, "l1", l1, self.l1_coeff, self.l1_warmup_steps,
+                                     lambda: self.dead_pre_act_loss(x_n, dead, n_dead, None, False), f,
+                                     None if f is not None else code)
