@@ -54,6 +54,7 @@ Environment for the peers (the project's .venv stays free of them)::
     /work/bench_venv/bin/python tools/bench_sae.py --size tiny             # with peers
     python tools/bench_sae.py --size tiny --repeats 2 --no-peers           # project venv, mim rows only
     python tools/bench_sae.py --size vitb --repeats 3 --variants TopKSAE,BatchTopKSAE,JumpReLUSAE
+    python tools/bench_sae.py --size tiny --no-peers --variants TopKSAE --profile 8   # where the step goes
 """
 
 from __future__ import annotations
@@ -166,6 +167,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--steps", type=int, default=1, help="steps per timed sample (its mean is one sample)")
     p.add_argument("--bf16", action="store_true", help="run every step under bf16 autocast (as bf16-mixed)")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="after timing, profile this many steps of each mim row (torch.profiler) and print its "
+                        "operators by self time: where a step goes beyond the floors")
     custom = p.add_argument_group("a custom size instead of --size (any of these given: the rest from --size)")
     custom.add_argument("--d", type=int, default=None, help="feature width d_model")
     custom.add_argument("--d-sae", type=int, default=None, help="latents")
@@ -511,9 +515,35 @@ def time_group(rows: list[Row], batches: Batches, args: argparse.Namespace) -> N
             except Exception as err:  # noqa: BLE001
                 row.note, row.step, row.times = short(err), None, []
         print(f"  repeat {rep + 1}/{args.repeats} done, load {os.getloadavg()[0]:.1f}", flush=True)
+    if args.profile:
+        for row in live:
+            if row.step is not None and row.kind == "mim":
+                profile_row(row, batches, args)
     for row in rows:
         row.step = None
     gc.collect()
+
+
+def profile_row(row: Row, batches: Batches, args: argparse.Namespace, top: int = 12) -> None:
+    """Print the ``top`` operators of ``args.profile`` steps of ``row`` by self time (ms per step, share)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    xs = [next(batches) for _ in range(args.profile)]
+    with profile(activities=activities) as prof:
+        for x in xs:
+            with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.bf16):
+                row.step(x)
+        sync(args.device)
+    attr = "self_device_time_total" if args.device == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr) > 0]
+    total = sum(getattr(e, attr) for e in events)
+    print(f"\n  profile of {row.name}, {args.profile} steps: {total / 1e3 / args.profile:.1f} ms of self time per step\n")
+    print("  | operator | calls per step | ms per step | share |\n  |---|---:|---:|---:|")
+    for e in sorted(events, key=lambda e: -getattr(e, attr))[:top]:
+        t = getattr(e, attr)
+        print(f"  | `{e.key}` | {e.count / args.profile:g} | {t / 1e3 / args.profile:.1f} | {t / total:.0%} |")
+    print(flush=True)
 
 
 def row_bytes(size: Size, row: Row) -> int:
