@@ -626,6 +626,14 @@ class FeatureStoreWriter(BasePredictionWriter):
         trainer.strategy.barrier("feature_store_written")
         self._writers = {}
 
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """A failed or interrupted run: every rank's in-flight shard is finished and its writer stopped before the
+        error propagates (:meth:`~mim.features.store.ShardWriter.abort`); no ``metadata.json`` is written, so the
+        store reads as incomplete and the next run starts it again."""
+        for writer in self._writers.values():
+            writer.abort()
+        self._writers = {}
+
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._saved_limit is not None:
             trainer.limit_predict_batches = self._saved_limit

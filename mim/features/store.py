@@ -34,6 +34,7 @@ Reading is memory-mapped (``safetensors.safe_open``): only the shards being read
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
@@ -261,6 +262,15 @@ class ShardWriter:
         self.shards.append({"file": name, "rows": n, "rank": self.rank})
         self._rows -= n
         self._pending = [rest] if self._rows else []
+
+    def abort(self) -> None:
+        """After a failed run: wait for the shard being written (its own error, if any, is dropped in favour of
+        the run's) and stop the writer thread, so the folder holds whole shards only and nothing is written into
+        it afterwards. Rows still buffered are not written; without ``metadata.json`` the store stays incomplete."""
+        with contextlib.suppress(Exception):  # the run's own error is the one to report
+            self._wait()
+        self._pool.shutdown(wait=True)
+        self._pending, self._rows = [], 0
 
     def close(self) -> list[dict[str, Any]]:
         """Write the last (smaller) shard and wait for every write; returns this rank's shards
