@@ -140,7 +140,7 @@ class JumpReLUSAE(SupportStep, SparseAutoencoder):
         theta = self.log_threshold.float().exp()
         eps, dead = self.bandwidth, self.dead_latents()
         width = self.sparse_width()
-        f = None
+        f = code = None
         if width is None:  # the dense step: plain autograd through all pre-activations, a dense decoder matmul
             z = self.pre_acts(x_n, fp32=True)
             f = _JumpReLU.apply(z, theta, eps)
@@ -158,5 +158,4 @@ class JumpReLUSAE(SupportStep, SparseAutoencoder):
             code = code._replace(values=_JumpReLU.apply(z, theta_s, eps))
             x_hat = self.decode_n(code)
         return self.penalised_result(x_n, x_hat, "l0_penalty", l0, self.l0_coeff, self.l0_warmup_steps,
-                                     lambda: self.dead_pre_act_loss(x_n, dead, n_dead, theta, True), f,
-                                     None if f is not None else code)
+                                     lambda: self.dead_pre_act_loss(x_n, dead, n_dead, theta, True), f, code)

@@ -77,7 +77,7 @@ class ReLUSAE(SupportStep, SparseAutoencoder):
         dead = self.dead_latents()
         norms = self.W_dec.norm(dim=1)
         width = self.sparse_width()
-        f = None
+        f = code = None
         if width is None:  # the dense step: plain autograd through all pre-activations, a dense decoder matmul
             f = F.relu(self.pre_acts(x_n))
             nnz, n_dead = host_ints((f.detach() > 0).sum(), dead.sum())
@@ -91,5 +91,4 @@ class ReLUSAE(SupportStep, SparseAutoencoder):
             l1 = (code.values * norms[code.indices]).sum() / len(x_n)
             x_hat = self.decode_n(code)
         return self.penalised_result(x_n, x_hat, "l1", l1, self.l1_coeff, self.l1_warmup_steps,
-                                     lambda: self.dead_pre_act_loss(x_n, dead, n_dead, None, False), f,
-                                     None if f is not None else code)
+                                     lambda: self.dead_pre_act_loss(x_n, dead, n_dead, None, False), f, code)
