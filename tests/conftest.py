@@ -85,6 +85,15 @@ def sae_stores(tmp_path_factory, shared_data: Path) -> tuple[Path, Path]:
     return train, val
 
 
+@pytest.fixture(scope="session")
+def sae_tokens(sae_stores) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``sae_stores`` patch tokens as (train, val): (12800, 192) and (6400, 192) float32."""
+    from mim.features import FeatureStore
+
+    train, val = (FeatureStore(p).read("patch").features.reshape(-1, 192) for p in sae_stores)
+    return train, val
+
+
 #: Files whose tests start subprocesses (DDP ranks, killed-and-resumed runs): they run first, the longest first of
 #: all, so that under ``pytest -n`` the workers end together instead of one finishing a long test alone.
 SUBPROCESS_FILES = ("test_ddp_configs.py", "test_resume.py")

@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from sae_helpers import make_sae, train_sae
 
 from mim.errors import ConfigError, UserError
-from mim.features import FeatureStore
 from mim.sae import (
     MPSAE,
     VARIANTS,
@@ -42,35 +42,8 @@ VARIANT_KWARGS = {
 }
 
 
-@pytest.fixture(scope="module")
-def tokens(sae_stores) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, val) patch tokens, (12800, 192) and (6400, 192) float32."""
-    train, val = (FeatureStore(p).read("patch").features.reshape(-1, D) for p in sae_stores)
-    return train, val
-
-
 def make(name: str, x: torch.Tensor, **overrides) -> SparseAutoencoder:
-    torch.manual_seed(0)
-    sae = VARIANTS[name](D, D_SAE, **{**VARIANT_KWARGS[name], **overrides})
-    sae.initialize(x[:4096])
-    return sae
-
-
-def train(sae: SparseAutoencoder, x: torch.Tensor, steps: int, lr: float = 2e-3, batch: int = 1024) -> None:
-    """The training loop of :class:`mim.sae.module.SAETraining`, without Lightning."""
-    optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(0)
-    sae.train()
-    for _ in range(steps):
-        rows = torch.randint(len(x), (batch,), generator=generator)
-        out = sae.loss(sae.normalize(x[rows]))
-        optimizer.zero_grad()
-        out.loss.backward()
-        sae.remove_parallel_grad_()
-        optimizer.step()
-        sae.normalize_decoder_()
-        sae.update_firing(out.fired, batch)
-    sae.eval()
+    return make_sae(name, x, D_SAE, VARIANT_KWARGS[name], **overrides)
 
 
 def fvu(sae: SparseAutoencoder, x: torch.Tensor) -> float:
@@ -80,11 +53,11 @@ def fvu(sae: SparseAutoencoder, x: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("name", list(VARIANT_KWARGS))
-def test_every_variant_learns_to_reconstruct_real_features(name, tokens):
-    x, val = tokens
+def test_every_variant_learns_to_reconstruct_real_features(name, sae_tokens):
+    x, val = sae_tokens
     sae = make(name, x)
     before = fvu(sae, val)
-    train(sae, x, steps=60)
+    train_sae(sae, x, steps=60)
     after = fvu(sae, val)
     assert after < 0.8 * before and after < 0.6, (before, after)
     if sae.unit_norm_decoder:
@@ -93,8 +66,8 @@ def test_every_variant_learns_to_reconstruct_real_features(name, tokens):
     assert code.values.shape == code.indices.shape and code.indices.max() < D_SAE
 
 
-def test_normalisation_and_init(tokens):
-    x, _ = tokens
+def test_normalisation_and_init(sae_tokens):
+    x, _ = sae_tokens
     sae = make("TopKSAE", x)
     x_n = sae.normalize(x[:4096])
     assert x_n.norm(dim=1).mean().item() == pytest.approx(math.sqrt(D), rel=1e-4)
@@ -112,10 +85,10 @@ def test_normalisation_and_init(tokens):
 
 
 @pytest.mark.parametrize("name", ["TopKSAE", "AbsTopKSAE"])
-def test_topk_l0_is_exactly_k(name, tokens):
-    x, val = tokens
+def test_topk_l0_is_exactly_k(name, sae_tokens):
+    x, val = sae_tokens
     sae = make(name, x)
-    train(sae, x, steps=20)
+    train_sae(sae, x, steps=20)
     code = sae.encode(val)
     assert (code.l0() == K).all()
     out = sae.loss(sae.normalize(val[:2048]))
@@ -129,10 +102,10 @@ def test_topk_l0_is_exactly_k(name, tokens):
         assert (code.values >= 0).all()
 
 
-def test_batchtopk_l0_is_k_on_average_in_training_and_threshold_at_inference(tokens):
-    x, val = tokens
+def test_batchtopk_l0_is_k_on_average_in_training_and_threshold_at_inference(sae_tokens):
+    x, val = sae_tokens
     sae = make("BatchTopKSAE", x)
-    train(sae, x, steps=40)
+    train_sae(sae, x, steps=40)
     sae.train()
     out = sae.loss(sae.normalize(val[:2048]))
     assert out.l0.item() == pytest.approx(K)  # k * B over the batch
@@ -147,10 +120,10 @@ def test_batchtopk_l0_is_k_on_average_in_training_and_threshold_at_inference(tok
     assert 0.3 * K < code.l0().float().mean() < 3 * K
 
 
-def test_top_afa_picks_an_adaptive_number_of_latents(tokens):
-    x, val = tokens
+def test_top_afa_picks_an_adaptive_number_of_latents(sae_tokens):
+    x, val = sae_tokens
     sae = make("TopAFASAE", x)
-    train(sae, x, steps=40)
+    train_sae(sae, x, steps=40)
     code = sae.encode(val)
     l0 = code.l0()
     assert l0.min() >= 1 and l0.max() <= 64 and len(l0.unique()) > 5
@@ -162,8 +135,8 @@ def test_top_afa_picks_an_adaptive_number_of_latents(tokens):
     assert torch.equal(l0[:32], best)
 
 
-def test_jumprelu_threshold_learns_only_through_the_pseudo_derivative(tokens):
-    x, _ = tokens
+def test_jumprelu_threshold_learns_only_through_the_pseudo_derivative(sae_tokens):
+    x, _ = sae_tokens
     sae = make("JumpReLUSAE", x, bandwidth=0.5)
     x_n = sae.normalize(x[:256])
     out = sae.loss(x_n)
@@ -187,10 +160,10 @@ def test_jumprelu_threshold_learns_only_through_the_pseudo_derivative(tokens):
     assert sae.log_threshold.grad.abs().sum() > 0
 
 
-def test_matryoshka_prefixes_each_reconstruct(tokens):
-    x, val = tokens
+def test_matryoshka_prefixes_each_reconstruct(sae_tokens):
+    x, val = sae_tokens
     sae = make("MatryoshkaSAE", x)
-    train(sae, x, steps=60)
+    train_sae(sae, x, steps=60)
     with torch.no_grad():
         val_n = sae.normalize(val)
         x_hats = sae.prefix_reconstructions(sae.encode(val))
@@ -205,10 +178,10 @@ def test_matryoshka_prefixes_each_reconstruct(tokens):
     torch.testing.assert_close(out.loss, torch.stack(prefix_terms).mean() + sae.aux_coeff * out.terms["auxk"])
 
 
-def test_matching_pursuit_error_falls_monotonically_with_steps(tokens):
-    x, val = tokens
+def test_matching_pursuit_error_falls_monotonically_with_steps(sae_tokens):
+    x, val = sae_tokens
     sae = make("MPSAE", x)
-    train(sae, x, steps=30)
+    train_sae(sae, x, steps=30)
     errors = []
     with torch.no_grad():
         val_n = sae.normalize(val[:512])
@@ -222,8 +195,8 @@ def test_matching_pursuit_error_falls_monotonically_with_steps(tokens):
     assert not hasattr(sae, "W_enc")  # tied: the decoder atoms are the encoder
 
 
-def test_sparse_kernels_equal_dense_autograd(tokens):
-    x, _ = tokens
+def test_sparse_kernels_equal_dense_autograd(sae_tokens):
+    x, _ = sae_tokens
     sae = make("TopKSAE", x)
     x_n = sae.normalize(x[:300])
     params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
@@ -245,8 +218,8 @@ def test_sparse_kernels_equal_dense_autograd(tokens):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3, msg=name)
 
 
-def test_auxk_is_zero_without_dead_latents_and_revives_them(tokens):
-    x, _ = tokens
+def test_auxk_is_zero_without_dead_latents_and_revives_them(sae_tokens):
+    x, _ = sae_tokens
     sae = make("TopKSAE", x, dead_tokens=10_000)
     x_n = sae.normalize(x[:1024])
     out = sae.loss(x_n)
@@ -266,10 +239,10 @@ def test_auxk_is_zero_without_dead_latents_and_revives_them(tokens):
 
 
 @pytest.mark.parametrize("name", list(VARIANT_KWARGS))
-def test_save_and_load_give_identical_outputs(name, tokens, tmp_path):
-    x, val = tokens
+def test_save_and_load_give_identical_outputs(name, sae_tokens, tmp_path):
+    x, val = sae_tokens
     sae = make(name, x)
-    train(sae, x, steps=3)
+    train_sae(sae, x, steps=3)
     path = save_sae(sae, tmp_path / "sae.safetensors")
     assert path.with_suffix(".json").is_file()
     loaded = load_sae(path.with_suffix(".json"))
@@ -299,8 +272,8 @@ def test_bad_configuration_gives_one_clear_error(tmp_path):
     assert batch_variance(torch.ones(4, 3)).item() == 0.0
 
 
-def test_decoder_constraint_removes_the_parallel_gradient_and_renormalises(tokens):
-    x, _ = tokens
+def test_decoder_constraint_removes_the_parallel_gradient_and_renormalises(sae_tokens):
+    x, _ = sae_tokens
     sae = make("TopKSAE", x)
     sae.loss(sae.normalize(x[:1024])).loss.backward()
     before = sae.W_dec.grad.clone()

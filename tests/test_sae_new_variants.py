@@ -8,12 +8,11 @@ import itertools
 
 import pytest
 import torch
+from sae_helpers import make_sae, train_sae
 
 from mim.errors import ConfigError, UserError
-from mim.features import FeatureStore
 from mim.sae import (
     MSAE,
-    VARIANTS,
     ArchetypalSAE,
     FeatureChoiceSAE,
     MutualChoiceSAE,
@@ -30,39 +29,11 @@ KWARGS = {
     "MSAE": {"ks": [4, 8, 16, 32]},
     "ArchetypalSAE": {"k": K, "delta": 0.05},
 }
-SAE_KEY = "--model.init_args.sae.init_args."
-
-
-@pytest.fixture(scope="module")
-def tokens(sae_stores) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, val) patch tokens, (12800, 192) and (6400, 192) float32."""
-    train, val = (FeatureStore(p).read("patch").features.reshape(-1, D) for p in sae_stores)
-    return train, val
 
 
 def make(name: str, x: torch.Tensor, **overrides) -> SparseAutoencoder:
-    torch.manual_seed(0)
-    sae = VARIANTS[name](D, D_SAE, **{**KWARGS[name], **overrides})
-    sae.initialize(x[:4096])
-    return sae
-
-
-def train(sae: SparseAutoencoder, x: torch.Tensor, steps: int, lr: float = 2e-3) -> None:
-    """The step of :class:`mim.sae.module.SAETraining` (loss, parallel-gradient removal, Adam, decoder
-    constraint, firing bookkeeping), without Lightning."""
-    optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(0)
-    sae.train()
-    for _ in range(steps):
-        rows = torch.randint(len(x), (N,), generator=generator)
-        out = sae.loss(sae.normalize(x[rows]))
-        optimizer.zero_grad()
-        out.loss.backward()
-        sae.remove_parallel_grad_()
-        optimizer.step()
-        sae.normalize_decoder_()
-        sae.update_firing(out.fired, N)
-    sae.eval()
+    return make_sae(name, x, D_SAE, KWARGS[name], **overrides)
+SAE_KEY = "--model.init_args.sae.init_args."
 
 
 def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
@@ -70,22 +41,22 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module")
-def trained(tokens) -> dict[str, tuple[SparseAutoencoder, float]]:
+def trained(sae_tokens) -> dict[str, tuple[SparseAutoencoder, float]]:
     """Each new variant after 40 training steps, with its validation FVU before training."""
-    x, val = tokens
+    x, val = sae_tokens
     out = {}
     for name in KWARGS:
         sae = make(name, x)
         with torch.no_grad():
             before = fvu(val, sae(val).x_hat)
-        train(sae, x, steps=40, lr=1e-3 if name == "ArchetypalSAE" else 2e-3)  # 2e-3: a loss spike at step 40
+        train_sae(sae, x, steps=40, lr=1e-3 if name == "ArchetypalSAE" else 2e-3)  # 2e-3: a loss spike at step 40
         out[name] = (sae, before)
     return out
 
 
 @pytest.mark.parametrize("name", list(KWARGS))
-def test_each_new_variant_learns_and_round_trips(name, trained, tokens, tmp_path):
-    _, val = tokens
+def test_each_new_variant_learns_and_round_trips(name, trained, sae_tokens, tmp_path):
+    _, val = sae_tokens
     sae, before = trained[name]
     with torch.no_grad():
         out = sae(val)
@@ -102,9 +73,9 @@ def test_each_new_variant_learns_and_round_trips(name, trained, tokens, tmp_path
 
 
 # ------------------------------------------------------------------------------------------ feature / mutual choice
-def test_feature_choice_gives_each_latent_its_capacity_and_tokens_a_variable_count(trained, tokens):
+def test_feature_choice_gives_each_latent_its_capacity_and_tokens_a_variable_count(trained, sae_tokens):
     sae, _ = trained["FeatureChoiceSAE"]
-    x_n = sae.normalize(tokens[1][:N])
+    x_n = sae.normalize(sae_tokens[1][:N])
     with torch.no_grad():
         code = sae.batch_code(x_n)
         z = sae.pre_acts(x_n)
@@ -133,9 +104,9 @@ def test_feature_choice_zipf_capacities_and_a_budget_the_batch_cannot_cover():
     assert message.endswith(f"({SAE_KEY}zipf_exponent).")
 
 
-def test_mutual_choice_keeps_exactly_k_times_n_entries_the_batch_top(trained, tokens):
+def test_mutual_choice_keeps_exactly_k_times_n_entries_the_batch_top(trained, sae_tokens):
     sae, _ = trained["MutualChoiceSAE"]
-    x_n = sae.normalize(tokens[1][:N])
+    x_n = sae.normalize(sae_tokens[1][:N])
     with torch.no_grad():
         code = sae.batch_code(x_n)
         z = sae.pre_acts(x_n)
@@ -149,8 +120,8 @@ def test_mutual_choice_keeps_exactly_k_times_n_entries_the_batch_top(trained, to
 
 
 @pytest.mark.parametrize("name", ["FeatureChoiceSAE", "MutualChoiceSAE"])
-def test_choice_loss_and_gradients_equal_a_dense_reference(name, tokens):
-    x, _ = tokens
+def test_choice_loss_and_gradients_equal_a_dense_reference(name, sae_tokens):
+    x, _ = sae_tokens
     sae = make(name, x, underused_fraction=0.0)
     x_n = sae.normalize(x[:N])
     sae.loss(x_n).loss.backward()
@@ -164,19 +135,19 @@ def test_choice_loss_and_gradients_equal_a_dense_reference(name, tokens):
         torch.testing.assert_close(sparse[n], p.grad, rtol=1e-5, atol=1e-5 * float(p.grad.abs().max()))
 
 
-def test_choice_inference_is_per_token_topk_until_trained_then_a_threshold(tokens):
-    x, val = tokens
+def test_choice_inference_is_per_token_topk_until_trained_then_a_threshold(sae_tokens):
+    x, val = sae_tokens
     for name in ("FeatureChoiceSAE", "MutualChoiceSAE"):
         sae = make(name, x)
         assert (sae.encode(val[:256]).l0() == K).all()  # no threshold yet: TopK per token
-        train(sae, x, steps=2)
+        train_sae(sae, x, steps=2)
         code = sae.encode(val[:256])
         assert code.l0().float().std() > 0  # a threshold: variable count per token
     assert sae.threshold.item() > 0 and int(sae.threshold_updates) == 2
 
 
-def test_under_used_latents_join_the_auxiliary_loss(tokens):
-    x, _ = tokens
+def test_under_used_latents_join_the_auxiliary_loss(sae_tokens):
+    x, _ = sae_tokens
     sae = make("MutualChoiceSAE", x)
     sae.train()
     assert sae.loss(sae.normalize(x[:N])).terms["auxk"] == 0  # nothing dead or under-used yet
@@ -186,8 +157,8 @@ def test_under_used_latents_join_the_auxiliary_loss(tokens):
 
 
 # ---------------------------------------------------------------------------------------------------------- MSAE
-def test_msae_loss_is_the_weighted_mean_of_prefix_losses_and_prefixes_nest(trained, tokens):
-    x, val = tokens
+def test_msae_loss_is_the_weighted_mean_of_prefix_losses_and_prefixes_nest(trained, sae_tokens):
+    x, val = sae_tokens
     for weighting, weights in (("uniform", [0.25] * 4), ("reverse", [0.4, 0.3, 0.2, 0.1])):
         sae = make("MSAE", x, weighting=weighting)
         assert sae.prefix_weights() == pytest.approx(weights)
@@ -209,7 +180,7 @@ def test_msae_loss_is_the_weighted_mean_of_prefix_losses_and_prefixes_nest(train
 
 
 # ----------------------------------------------------------------------------------------------------- archetypal
-def test_archetypal_atoms_stay_within_delta_of_the_hull_of_the_candidates(trained, tokens):
+def test_archetypal_atoms_stay_within_delta_of_the_hull_of_the_candidates(trained, sae_tokens):
     sae, _ = trained["ArchetypalSAE"]
     A, C, relax = sae.mixing.detach(), sae.archetypes, sae.relaxation.detach()
     assert C.shape == (D_SAE, D) and C.abs().sum() > 0
@@ -220,14 +191,14 @@ def test_archetypal_atoms_stay_within_delta_of_the_hull_of_the_candidates(traine
     assert norms.max() <= sae.delta * (1 + 1e-5) and norms.max() > 0.5 * sae.delta  # the relaxation is used
     assert (A.max(1).values < 1).float().mean() > 0.2  # atoms moved off their initial data point (unused ones cannot)
 
-    fresh = make("ArchetypalSAE", tokens[0])
+    fresh = make("ArchetypalSAE", sae_tokens[0])
     assert "W_dec" not in dict(fresh.named_parameters()) and fresh.W_dec.shape == (D_SAE, D)  # computed, not free
     ids = fresh.mixing.argmax(1)
     torch.testing.assert_close(fresh.W_dec, fresh.archetypes[ids])  # each atom starts at one candidate
 
 
-def test_archetypal_candidates_need_enough_sample_tokens(tokens):
-    x, _ = tokens
+def test_archetypal_candidates_need_enough_sample_tokens(sae_tokens):
+    x, _ = sae_tokens
     sae = ArchetypalSAE(D, 64, k=4, n_candidates=600)
     with pytest.raises(UserError, match=r"at least n_candidates=600 sample tokens.*got 500\. Fix: lower "
                                         r"--model\.init_args\.sae\.init_args\.n_candidates"):
