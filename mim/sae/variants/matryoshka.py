@@ -58,8 +58,10 @@ class MatryoshkaSAE(BatchTopKSAE):
     def prefix_reconstructions(self, code: SparseCode | RaggedCode) -> list[torch.Tensor]:
         """``x_hat_n`` of each prefix (N, d_model), in the order of :attr:`prefixes`.
 
-        One ``embedding_bag`` over the code's entries, with one bag per (token, prefix group) (the entries sorted
-        by that key), and a cumulative sum over the groups: the work of one decode, not one per prefix."""
+        One ``embedding_bag`` over the code's entries, with one bag per (prefix group, token) (the entries sorted
+        by that key, so each group's partial reconstructions are one contiguous (N, d_model) block), and running
+        sums over the groups: the work of one decode, not one per prefix. (Plain additions, not ``cumsum``
+        over a middle dimension, whose backward flips the whole (N, groups, d_model) gradient twice.)"""
         if isinstance(code, RaggedCode):
             values, indices, rows = code.values, code.indices, code.rows
         else:
@@ -67,12 +69,15 @@ class MatryoshkaSAE(BatchTopKSAE):
             values, indices = code.values.reshape(-1), code.indices.reshape(-1)
         n, groups = len(code.offsets) if isinstance(code, RaggedCode) else len(code.values), len(self.prefixes)
         bounds = torch.tensor(self.prefixes, device=indices.device)
-        keys = rows * groups + torch.bucketize(indices, bounds, right=True)  # latent j < prefixes[g] -> group <= g
+        keys = torch.bucketize(indices, bounds, right=True) * n + rows  # latent j < prefixes[g] -> group <= g
         order = keys.argsort(stable=True)
         keys = keys[order]
         parts = ragged_decode(values[order], indices[order], ragged_offsets(keys, n * groups), self.W_dec)
-        x_hats = parts.view(n, groups, -1).cumsum(1) + self.b_dec
-        return list(x_hats.unbind(1))
+        x_hat, *rest = parts.view(groups, n, -1).unbind(0)
+        x_hats = [x_hat + self.b_dec]
+        for part in rest:
+            x_hats.append(x_hats[-1] + part)
+        return x_hats
 
     def reconstruction_losses(self, x_n: torch.Tensor, code: SparseCode | RaggedCode
                               ) -> tuple[torch.Tensor, torch.Tensor, dict]:
