@@ -146,17 +146,21 @@ class MSAE(SparseAutoencoder):
     # ------------------------------------------------------------------------------------------------ training
     def prefix_reconstructions(self, code: SparseCode) -> list[torch.Tensor]:
         """``x_hat_n`` (N, d_model) of each prefix of a sorted ``code`` of width ``>= k_max``, in the order of
-        :attr:`ks`: one ``embedding_bag`` sums each token's slots ``k_{i-1}..k_i`` (a bag per token and
-        segment), a cumulative sum over the segments gives the prefixes (one sparse backward into ``W_dec``,
-        not one dense ``W_dec`` gradient per prefix)."""
-        n = code.values.shape[0]
-        values, indices = code.values[:, : self.k_max].contiguous(), code.indices[:, : self.k_max].contiguous()
-        starts = torch.tensor([0, *self.ks[:-1]], device=values.device)
-        offsets = (torch.arange(n, device=values.device)[:, None] * self.k_max + starts).flatten()
-        segments = F.embedding_bag(indices.flatten(), self.W_dec, offsets,
-                                   per_sample_weights=values.flatten().to(self.W_dec.dtype), mode="sum")
-        prefixes = segments.view(n, len(self.ks), -1).cumsum(1) + self.b_dec
-        return list(prefixes.unbind(1))
+        :attr:`ks`: one ``embedding_bag`` sums each token's slots ``k_{i-1}..k_i`` (a bag per segment and token,
+        segment-major, so each segment's partial reconstructions are one contiguous (N, d_model) block), and
+        running sums over the segments give the prefixes (one sparse backward into ``W_dec``, not one dense
+        ``W_dec`` gradient per prefix; plain additions, not a ``cumsum`` whose backward flips the gradient)."""
+        n, device = code.values.shape[0], code.values.device
+        bounds = list(itertools.pairwise([0, *self.ks]))
+        values = torch.cat([code.values[:, a:b].flatten() for a, b in bounds]).to(self.W_dec.dtype)
+        indices = torch.cat([code.indices[:, a:b].flatten() for a, b in bounds])
+        offsets = torch.cat([n * a + torch.arange(n, device=device) * (b - a) for a, b in bounds])
+        segments = F.embedding_bag(indices, self.W_dec, offsets, per_sample_weights=values, mode="sum")
+        x_hat, *rest = segments.view(len(self.ks), n, -1).unbind(0)
+        prefixes = [x_hat + self.b_dec]
+        for part in rest:
+            prefixes.append(prefixes[-1] + part)
+        return prefixes
 
     def loss(self, x_n: torch.Tensor) -> SAELoss:
         code = self._topk(x_n, self.k_max)
