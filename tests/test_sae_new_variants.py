@@ -122,17 +122,27 @@ def test_mutual_choice_keeps_exactly_k_times_n_entries_the_batch_top(trained, sa
 @pytest.mark.parametrize("name", ["FeatureChoiceSAE", "MutualChoiceSAE"])
 def test_choice_loss_and_gradients_equal_a_dense_reference(name, sae_tokens):
     x, _ = sae_tokens
+    """Two steps: the first has no cut estimates (Mutual Choice: the per-row search; Feature Choice: every latent's
+    whole column), the second searches from the first's cuts (a pool ``z >= 0.9 cut``; Feature Choice: a few
+    latents whose pool falls short of their capacity take their whole column)."""
     sae = make(name, x, underused_fraction=0.0)
     x_n = sae.normalize(x[:N])
-    sae.loss(x_n).loss.backward()
-    sparse = {n: p.grad.clone() for n, p in sae.named_parameters()}
-    sae.zero_grad()
-    z = sae.pre_acts(x_n)
-    keep = sae.keep(z.detach()) & (z.detach() > 0)
-    x_hat = (torch.relu(z) * keep) @ sae.W_dec + sae.b_dec
-    (squared_error(x_n, x_hat) / batch_variance(x_n)).backward()
-    for n, p in sae.named_parameters():
-        torch.testing.assert_close(sparse[n], p.grad, rtol=1e-5, atol=1e-5 * float(p.grad.abs().max()))
+    x_n2 = sae.normalize(x[N : 2 * N])
+    for step, batch in enumerate((x_n, x_n2)):
+        sae.zero_grad()
+        sae.loss(batch).loss.backward()
+        if name == "MutualChoiceSAE":
+            assert sae.last_search == ("rows", "threshold")[step]
+        else:
+            assert sae.last_full_latents == D_SAE if step == 0 else 0 < sae.last_full_latents < D_SAE / 2
+        sparse = {n: p.grad.clone() for n, p in sae.named_parameters()}
+        sae.zero_grad()
+        z = sae.pre_acts(batch)
+        keep = sae.keep(z.detach()) & (z.detach() > 0)
+        x_hat = (torch.relu(z) * keep) @ sae.W_dec + sae.b_dec
+        (squared_error(batch, x_hat) / batch_variance(batch)).backward()
+        for n, p in sae.named_parameters():
+            torch.testing.assert_close(sparse[n], p.grad, rtol=1e-5, atol=1e-5 * float(p.grad.abs().max()))
 
 
 def test_choice_inference_is_per_token_topk_until_trained_then_a_threshold(sae_tokens):
@@ -218,6 +228,7 @@ BAD = [
     (lambda: FeatureChoiceSAE(16, 64, k=4, zipf_exponent=-1.0), "zipf_exponent", "be >= 0"),
     (lambda: MutualChoiceSAE(16, 64, k=4, underused_fraction=1.0), "underused_fraction", "lie in [0, 1)"),
     (lambda: MutualChoiceSAE(16, 64, k=4, threshold_beta=1.0), "threshold_beta", "lie in [0, 1)"),
+    (lambda: MutualChoiceSAE(16, 64, k=4, candidate_search="dense"), "candidate_search", "be one of"),
     (lambda: ArchetypalSAE(16, 64, k=4, n_candidates=0), "n_candidates", "be positive"),
     (lambda: ArchetypalSAE(16, 64, k=4, delta=-0.1), "delta", "be >= 0"),
     (lambda: ArchetypalSAE(16, 64, k=4, candidates="random"), "candidates", "be one of ['kmeans', 'sample']"),

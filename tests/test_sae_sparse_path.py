@@ -230,15 +230,44 @@ def test_batch_topk_sparse_step_and_its_fallback_equal_the_dense_step(name, fact
     """Candidates of 16 k per row hold every winner of the global top k*N; with 1 k per row some rows hold more
     winners than k (the check fires and the exact fallback redoes the search). With dead latents (AuxK in the same
     pass); the threshold estimate is the smallest kept activation, as before."""
-    sae = make(name, x_n_raw, dead=True, candidate_factor=factor)
+    sae = make(name, x_n_raw, dead=True, candidate_factor=factor, candidate_search="rows")
     sae.train()
     x_n = sae.normalize(x_n_raw[:N])
     out = assert_step_equals_reference(sae, x_n)
-    assert sae.last_fallback is fallback
+    assert sae.last_search == "rows" and sae.last_fallback is fallback
     assert out.l0.item() == pytest.approx(K) and out.terms["auxk"] > 0
     f_ref = ref_batchtopk(copy.deepcopy(sae), x_n)[1]
     assert sae.threshold.item() == f_ref[f_ref > 0].min().item()  # first update: the batch minimum itself
     assert torch.equal(out.fired, (f_ref > 0).sum(0))
+
+
+@pytest.mark.parametrize("name", ["BatchTopKSAE", "MatryoshkaSAE"])
+def test_batch_topk_threshold_search_equals_the_dense_step(name, x_n_raw):
+    """The CPU default: the first step has no cut yet (per-row search); the next batch's pool ``z >= 0.9 cut``
+    gives the exact step; a cut estimate too high for the batch (a pool short of k*N) falls back to the per-row
+    search, one too low only widens the pool; after a resume the averaged ``threshold`` seeds tau."""
+    sae = make(name, x_n_raw, dead=True, candidate_factor=1.0)
+    sae.train()
+    first, second = (sae.normalize(x_n_raw[i * N : (i + 1) * N]) for i in (0, 1))
+    assert_step_equals_reference(sae, first)
+    assert sae.last_search == "rows" and sae.last_fallback  # candidates of 1 k per row: its fallback too
+    f_ref = ref_batchtopk(copy.deepcopy(sae), first)[1]
+    assert sae._cut.item() == f_ref[f_ref > 0].min().item()  # the batch's cut: its smallest kept activation
+    f_ref = ref_batchtopk(copy.deepcopy(sae), second)[1]
+    cut = f_ref[f_ref > 0].min()  # (this small batch's cut is not within 10 % of the first's)
+    for estimate, search in ((cut, "threshold"), (cut * 3, "rows"), (cut / 3, "threshold")):
+        sae._cut = estimate
+        out = assert_step_equals_reference(sae, second)
+        assert sae.last_search == search and sae.last_fallback is (search == "rows")  # 1 k per row
+        assert out.l0.item() == pytest.approx(K) and out.terms["auxk"] > 0
+    sae._cut = None  # a resumed module: the threshold buffer (the first batch's minimum) is the estimate
+    assert sae.threshold > 0
+    assert_step_equals_reference(sae, first)
+    assert sae.last_search == "threshold"
+    rows = make(name, x_n_raw, candidate_search="rows")
+    rows._cut = cut
+    rows.loss(second)
+    assert rows.last_search == "rows"
 
 
 @pytest.mark.parametrize("name", ["ReLUSAE", "JumpReLUSAE"])
@@ -304,6 +333,8 @@ def test_bad_new_arguments_give_one_clear_error():
         BatchTopKSAE(16, 64, k=4, candidate_factor=0.5)
     with pytest.raises(ConfigError, match="candidate_factor"):
         MatryoshkaSAE(16, 64, k=4, prefixes=[32, 64], candidate_factor=math.nan)
+    with pytest.raises(ConfigError, match=r"candidate_search must be one of .*got 'topk'"):
+        BatchTopKSAE(16, 64, k=4, candidate_search="topk")
     with pytest.raises(ConfigError, match="l0_warmup_steps must be >= 0"):
         JumpReLUSAE(16, 64, l0_warmup_steps=-1)
     with pytest.raises(ConfigError, match="pre_act_coeff must be >= 0"):

@@ -167,6 +167,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--steps", type=int, default=1, help="steps per timed sample (its mean is one sample)")
     p.add_argument("--bf16", action="store_true", help="run every step under bf16 autocast (as bf16-mixed)")
+    p.add_argument("--candidate-search", default=None, metavar="S1,S2",
+                   help="one row per listed candidate_search (auto, threshold, rows) for the variants that take it "
+                        "(BatchTopK, Matryoshka, Mutual Choice)")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="after timing, profile this many steps of each mim row (torch.profiler) and print its "
                         "operators by self time: where a step goes beyond the floors")
@@ -299,6 +302,22 @@ def floor_rows(size: Size, device: str) -> list[Row]:
             Row("floor (b): (a) + row top-k, 1024-row blocks", "floor", "", matmul_topk(1024))]
 
 
+def variant_builds(variants: dict[str, type], names: list[str] | None, size: Size, searches: list[str] | None
+                   ) -> list[tuple[str, type, dict[str, Any] | None, str]]:
+    """``(name, class, kwargs, note)`` per mim row: one per variant, or one per ``searches`` entry for the variants
+    whose constructor takes ``candidate_search``."""
+    builds = []
+    for name, cls in variants.items():
+        if names is not None and name not in names:
+            continue
+        kwargs, note = mim_kwargs(cls, size)
+        if kwargs is None or not searches or "candidate_search" not in inspect.signature(cls.__init__).parameters:
+            builds.append((name, cls, kwargs, note))
+        else:
+            builds += [(name, cls, {**kwargs, "candidate_search": search}, note) for search in searches]
+    return builds
+
+
 def mim_kwargs(cls: type, size: Size) -> tuple[dict[str, Any] | None, str]:
     """Constructor arguments beyond (d_model, d_sae), and a note; None when the bench cannot build ``cls``."""
     if cls.__name__ in KNOWN_ARGS:
@@ -311,14 +330,12 @@ def mim_kwargs(cls: type, size: Size) -> tuple[dict[str, Any] | None, str]:
     return ({"k": size.k} if any(p.name == "k" for p in params) else {}), "defaults (not in KNOWN_ARGS)"
 
 
-def mim_rows(size: Size, names: list[str] | None, sample: torch.Tensor, device: str) -> list[Row]:
+def mim_rows(size: Size, names: list[str] | None, sample: torch.Tensor, device: str,
+             searches: list[str] | None = None) -> list[Row]:
     from mim.sae import VARIANTS
 
     rows = []
-    for name, cls in VARIANTS.items():
-        if names is not None and name not in names:
-            continue
-        kwargs, note = mim_kwargs(cls, size)
+    for name, cls, kwargs, note in variant_builds(VARIANTS, names, size, searches):
         shown = {k: v for k, v in (kwargs or {}).items() if k not in ("k",)}
         label = f"mim {name}" + (f" ({', '.join(f'{k} {v}' for k, v in shown.items())})" if shown else "")
         if kwargs is None:
@@ -650,7 +667,8 @@ def main(argv: list[str] | None = None) -> None:
         sample = torch.cat([next(batches) for _ in range(-(-init // size.batch))])[:init]
         batches.fetch_ms.clear()
         print(f"{size.name}: store {path}, {len(batches.dataset)} batches per epoch", flush=True)
-        rows = floor_rows(size, args.device) + mim_rows(size, names, sample, args.device)
+        searches = args.candidate_search.split(",") if args.candidate_search else None
+        rows = floor_rows(size, args.device) + mim_rows(size, names, sample, args.device, searches)
         if not args.no_peers:
             points = sample[torch.randperm(len(sample), generator=torch.Generator().manual_seed(2))]
             points = points[: n_candidates(size)]

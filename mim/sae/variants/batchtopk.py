@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -13,16 +14,15 @@ from mim.sae.variants.base import (
     SAELoss,
     SparseCode,
     _check,
-    _without_autocast,
     batch_variance,
-    host_ints,
     squared_error,
     threshold_code,
 )
+from mim.sae.variants.batch_search import BatchSearch
 from mim.sae.variants.topk import TopKSAE, aux_candidates
 
 
-class BatchTopKSAE(TopKSAE):
+class BatchTopKSAE(TopKSAE, BatchSearch):
     """BatchTopK SAE (Bussmann, Leask & Nanda 2024, arXiv 2412.06410, Sec. 3): in training, the ``k * N`` largest
     entries of ``ReLU(z)`` over the whole batch of ``N`` tokens stay active (``k`` per token on average); at
     inference a global threshold ``f = z * (z > threshold)`` replaces the batch dependence.
@@ -37,18 +37,11 @@ class BatchTopKSAE(TopKSAE):
     costs no precision. Until a training step has set it, inference uses per-token TopK. AuxK and the
     loss are :class:`TopKSAE`'s. The estimate stays on the device (no sync).
 
-    Sparse training step (exact): the (N, d_sae) pre-activations never exist at once. The encoder pass
-    (:func:`~mim.sae.kernels.select_linear`, no autograd) keeps each row's ``m = ceil(candidate_factor * k)``
-    largest pre-activations as candidates (and, with dead latents, AuxK's candidates in the same pass); the
-    global top ``k * N`` of their ReLU is taken, at cut value ``t`` (the ``k*N``-th largest candidate). A row's
-    other entries are at most its ``m``-th candidate, so the selection equals the dense one unless some row's
-    ``m``-th candidate is positive and ``>= t`` (checked exactly, every step). Those rows (the fallback, per row)
-    are recomputed in full and join the pool with all their entries, and the top ``k * N`` is taken again: the
-    other rows' entries outside their candidates are below ``t``, which is at most the true cut, so the pool
-    holds every winner. The kept entries form a :class:`~mim.sae.variants.base.RaggedCode` (rows keep their own
-    counts, which vary widely), so the decoder and the encoder's backward touch only them and AuxK's
-    candidates. The step reads two integers to the host (the overflowing rows and the entries: one sync on an
-    accelerator); the fallback reads once more.
+    Sparse training step (exact): the (N, d_sae) pre-activations never exist at once; the kept entries form a
+    :class:`~mim.sae.variants.base.RaggedCode` (rows keep their own counts, which vary widely), so the decoder and
+    the encoder's backward touch only them and AuxK's candidates, which come from the same encoder pass. The
+    global top ``k * N`` is found by :class:`~mim.sae.variants.batch_search.BatchSearch` (a threshold search on
+    CPU, a per-row candidate search with an exact fallback elsewhere).
 
     Precision: the pre-activations of the training code (and AuxK's) and of the inference threshold comparison
     are computed in float32 also under autocast (:meth:`SparseAutoencoder.pre_acts` with ``fp32``), and the
@@ -56,26 +49,25 @@ class BatchTopKSAE(TopKSAE):
 
     Args:
         threshold_beta: EMA decay of the threshold estimate, in ``[0, 1)``.
-        candidate_factor: candidates per row of the sparse step, as a multiple of ``k`` (>= 1; a larger factor
-            makes the fallback rarer and the common step slower; it never changes the result).
+        candidate_factor, candidate_search: the search of the sparse step (:class:`~mim.sae.variants.batch_search.
+            BatchSearch`; neither changes the result).
         (others as :class:`TopKSAE`)
 
     Raises:
-        ConfigError: ``threshold_beta`` outside ``[0, 1)``, ``candidate_factor < 1`` (and :class:`TopKSAE`'s).
+        ConfigError: ``threshold_beta`` outside ``[0, 1)``, ``candidate_factor < 1``, another
+            ``candidate_search`` (and :class:`TopKSAE`'s).
     """
 
     def __init__(self, d_model: int, d_sae: int, k: int = 32, k_aux: int | None = None, aux_coeff: float = 1 / 32,
-                 threshold_beta: float = 0.9, dead_tokens: int = 10_000_000, candidate_factor: float = 4.0) -> None:
+                 threshold_beta: float = 0.9, dead_tokens: int = 10_000_000, candidate_factor: float = 4.0,
+                 candidate_search: Literal["auto", "threshold", "rows"] = "auto") -> None:
         super().__init__(d_model, d_sae, k, k_aux, aux_coeff, dead_tokens)
         _check(0 <= threshold_beta < 1, "threshold_beta", threshold_beta, "lie in [0, 1)",
                "set threshold_beta to e.g. 0.9 (0: the last batch's minimum only)")
-        _check(candidate_factor >= 1, "candidate_factor", candidate_factor, "be >= 1 (candidates per row / k)",
-               "set candidate_factor to e.g. 4")
-        self.threshold_beta, self.candidate_factor = threshold_beta, candidate_factor
+        self.threshold_beta = threshold_beta
         self.register_buffer("threshold", torch.tensor(-1.0))
         self.register_buffer("threshold_updates", torch.tensor(0, dtype=torch.long))
-        #: whether the last training code needed the exact fallback (diagnostics; not saved)
-        self.last_fallback = False
+        self.init_search(candidate_factor, candidate_search)
 
     def code(self, x_n: torch.Tensor) -> SparseCode:
         if float(self.threshold) < 0:
@@ -90,56 +82,18 @@ class BatchTopKSAE(TopKSAE):
             self._update_threshold(code)
         return code.to_padded()
 
-    def _candidates(self, x_n: torch.Tensor, m: int, dead: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per row the ``m`` largest ``z`` (float32), then AuxK's candidates (with ``dead``): values and ids."""
-        k_aux = self.k_aux
-
-        def select(z: torch.Tensor) -> torch.Tensor:
-            top = z.topk(m, dim=1, sorted=False).indices
-            return top if dead is None else torch.cat([top, aux_candidates(z, dead, k_aux)], dim=1)
-
-        return self.select_pre_acts(x_n, select, fp32=True)
-
     def _batch_select(self, x_n: torch.Tensor, dead: torch.Tensor | None
                       ) -> tuple[RaggedCode, torch.Tensor, torch.Tensor]:
-        """The exact batch top-k code from row candidates (class docstring) as a ragged code, and AuxK's
-        candidate values (not activated) and ids (``(N, 0)`` without ``dead``)."""
-        n, kn = len(x_n), self.k * len(x_n)
-        m = min(self.d_sae, math.ceil(self.candidate_factor * self.k))
-        with torch.no_grad():
-            values, indices = self._candidates(x_n, m, dead)
-            f = F.relu(values[:, :m])
-            top = f.flatten().topk(min(kn, f.numel()), sorted=False)
-            cut = top.values.min() if top.values.numel() else f.new_tensor(math.inf)
-            keep = torch.zeros(f.numel(), dtype=torch.bool, device=f.device).index_fill_(0, top.indices, True)
-            keep = keep.view_as(f) & (f > 0)
-            last = f.min(1).values  # each row's m-th candidate bounds its other entries
-            over = (last > 0) & (last >= cut) if m < self.d_sae else torch.zeros_like(last, dtype=torch.bool)
-            n_over, nnz = host_ints(over.sum(), keep.sum())
-            self.last_fallback = n_over > 0
-            if not n_over:
-                rows, slots = torch.nonzero_static(keep, size=nnz).unbind(1)
-                cols, vals = indices[rows, slots], values[rows, slots]
-            else:  # rows that may hold more winners than m: their whole rows join the pool, the cut is redone
-                rows_o = torch.nonzero_static(over, size=n_over).squeeze(1)
-                with _without_autocast(x_n.device):
-                    z_o = F.linear(x_n[rows_o].float() - self.b_dec.float(), self.W_enc.float(), self.b_enc.float())
-                pool = torch.cat([f.masked_fill(over[:, None], 0).flatten(), F.relu(z_o).flatten()])
-                top = pool.topk(min(kn, pool.numel()), sorted=False)
-                chosen = top.indices[top.values > 0]  # the fallback's own sync
-                first = chosen < f.numel()
-                pos, pos_o = chosen[first], chosen[~first] - f.numel()
-                rows = torch.cat([pos // m, rows_o[pos_o // self.d_sae]])
-                cols = torch.cat([indices[:, :m].flatten()[pos], pos_o % self.d_sae])
-                vals = torch.cat([values[:, :m].flatten()[pos], z_o.flatten()[pos_o]])
-                order = rows.argsort(stable=True)
-                rows, cols, vals = rows[order], cols[order], vals[order]
-        code = RaggedCode(vals, cols, rows, ragged_offsets(rows, n))
+        """The exact batch top-k code as a ragged code, and AuxK's candidate values (not activated) and ids
+        (``(N, 0)`` without ``dead``)."""
+        k_aux = self.k_aux
+        aux = None if dead is None else (lambda z: aux_candidates(z, dead, k_aux))
+        rows, cols, vals, values, indices = self.batch_entries(x_n, aux)
+        code = RaggedCode(vals, cols, rows, ragged_offsets(rows, len(x_n)))
         code = code._replace(values=F.relu(self.attach_ragged(x_n, code, fp32=True)))
-        aux_values, aux_indices = values[:, m:], indices[:, m:]
         if dead is not None:
-            aux_values = self.attach_pre_acts(x_n, aux_values, aux_indices, fp32=True)
-        return code, aux_values, aux_indices
+            values = self.attach_pre_acts(x_n, values, indices, fp32=True)
+        return code, values, indices
 
     @torch.no_grad()
     def _update_threshold(self, code: SparseCode | RaggedCode) -> None:

@@ -5,13 +5,14 @@ latents; an auxiliary loss revives dead and under-used latents."""
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 
-from mim.sae.kernels import attach_linear_grad_ragged, ragged_decode, select_linear
+from mim.sae.kernels import attach_linear_grad_ragged, ragged_decode, ragged_offsets, select_linear, threshold_linear
 from mim.sae.variants.base import (
+    RaggedCode,
     SAELoss,
     SparseAutoencoder,
     SparseCode,
@@ -23,6 +24,7 @@ from mim.sae.variants.base import (
     squared_error,
     threshold_code,
 )
+from mim.sae.variants.batch_search import BatchSearch
 from mim.sae.variants.msae import auxk_loss
 
 
@@ -85,6 +87,15 @@ class _ChoiceSAE(SparseAutoencoder):
         if self.training:
             self._update_threshold(cols, values.detach())
         return rows, cols, offsets, values
+
+    def _pairs(self, x_n: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, z: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`batch_pairs`'s result from kept pairs found without autograd (``rows`` ascending, ``z > 0``)."""
+        code = RaggedCode(z, cols, rows, ragged_offsets(rows, len(x_n)))
+        values = self.attach_ragged(x_n, code, fp32=True)  # every kept z is > 0: ReLU(z) = z
+        if self.training:
+            self._update_threshold(cols, values.detach())
+        return rows, cols, code.offsets, values
 
     def batch_code(self, x_n: torch.Tensor) -> SparseCode:
         """:meth:`batch_pairs` as a padded :class:`SparseCode` (width = the largest count of a token)."""
@@ -159,6 +170,10 @@ class FeatureChoiceSAE(_ChoiceSAE):
     is mim's analogue of BatchTopK's threshold). A latent never kept in training stays off; before the first
     training step inference is per-token TopK.
 
+    Training code: after the first step, each latent's top tokens come from a pool of the entries near its
+    previous cut (:meth:`_search_pairs`: exact, with a whole-column fallback per latent, and without the
+    (N, d_sae) pre-activations); :meth:`keep` is the dense form of the same rule (and the first step's).
+
     Args:
         d_model, d_sae, dead_tokens: see :class:`SparseAutoencoder`.
         k: average active latents per token (the batch budget is ``k * N``).
@@ -215,9 +230,62 @@ class FeatureChoiceSAE(_ChoiceSAE):
         within = torch.arange(m_max, device=z.device)[None, :] < m[:, None]
         return keep.t().scatter_(1, top, within).t()
 
+    #: ``tau_j`` of the training search is ``(1 - cut_margin)`` times latent ``j``'s previous cut
+    cut_margin = 0.1
+
+    def batch_pairs(self, x_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        pairs = self._search_pairs(x_n)
+        return super().batch_pairs(x_n) if pairs is None else self._pairs(x_n, *pairs)
+
+    @torch.no_grad()
+    def _search_pairs(self, x_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """:meth:`keep`'s pairs (the same, up to ties) without the (N, d_sae) pre-activations: ``rows``, ``cols``,
+        ``z`` (token-major), or ``None`` before the first training step.
+
+        With the previous training batch's cut of each latent (its smallest kept activation), the encoder pass
+        (:func:`~mim.sae.kernels.threshold_linear`, 1024 tokens at a time) keeps every ``z[n, j] >= tau_j =
+        (1 - cut_margin) * cut_j``. A latent with at least ``m_j`` of these has all its top ``m_j`` tokens among
+        them, which a top-``m`` over a (d_sae, widest count) matrix finds; the others (the cut fell, or the latent
+        kept nothing last time) take the top ``m_j`` of their whole column, recomputed (``last_full_latents``
+        counts them, diagnostics).
+        """
+        cut = getattr(self, "_latent_cut", None)
+        if cut is None or cut.device != x_n.device:
+            self.last_full_latents = self.d_sae
+            return None
+        n, m = len(x_n), self.capacities(len(x_n))
+        with _without_autocast(x_n.device):
+            centred, W, b = x_n.float() - self.b_dec.float(), self.W_enc.float(), self.b_enc.float()
+            tok, lat, z = threshold_linear(centred, W, b, (1 - self.cut_margin) * cut)[:3]
+            order = lat.argsort(stable=True)
+            tok, lat, z = tok[order], lat[order], z[order]
+            counts = torch.bincount(lat, minlength=self.d_sae)
+            slot = torch.arange(len(lat), device=lat.device) - (counts.cumsum(0) - counts)[lat]
+            width = min(int(counts.max()) if len(lat) else 0, n)
+            pool = z.new_full((self.d_sae, width), -math.inf).index_put_((lat, slot), z)
+            pool_tok = tok.new_zeros(self.d_sae, width).index_put_((lat, slot), tok)
+            top = pool.topk(min(int(m.max()), width), dim=1, sorted=True).indices
+            rank = torch.arange(top.shape[1], device=top.device)[None, :]
+            j, r = ((rank < m[:, None]) & (counts >= m)[:, None]).nonzero(as_tuple=True)
+            cols, slots = j, top[j, r]
+            rows, z = pool_tok[cols, slots], pool[cols, slots]
+            full = (counts < m).nonzero().squeeze(1)
+            self.last_full_latents = len(full)
+            if len(full):
+                m_full = m[full]
+                z_full = torch.addmm(b[full], centred, W[full].t()).t()  # (latents, N)
+                top_v, top_i = z_full.topk(int(m_full.max()), dim=1, sorted=True)
+                rank = torch.arange(top_i.shape[1], device=top_i.device)[None, :]
+                j, r = ((rank < m_full[:, None]) & (top_v > 0)).nonzero(as_tuple=True)
+                rows, cols, z = torch.cat([rows, top_i[j, r]]), torch.cat([cols, full[j]]), torch.cat([z, top_v[j, r]])
+        order = (rows * self.d_sae + cols).argsort()
+        return rows[order], cols[order], z[order]
+
     @torch.no_grad()
     def _update_threshold(self, cols: torch.Tensor, values: torch.Tensor) -> None:
-        lowest = torch.full_like(self.latent_thresholds, math.inf).scatter_reduce_(0, cols, values.to(self.latent_thresholds), "amin")
+        lowest = torch.full_like(self.latent_thresholds, math.inf)
+        lowest.scatter_reduce_(0, cols, values.to(self.latent_thresholds), "amin")
+        self._latent_cut = lowest  # the training search's next tau (not saved)
         seen = torch.isfinite(lowest)
         self.latent_threshold_updates.add_(seen.long())
         new = self._ema(self.latent_thresholds, lowest.masked_fill(~seen, 0), self.latent_threshold_updates)
@@ -230,7 +298,7 @@ class FeatureChoiceSAE(_ChoiceSAE):
         return threshold_code(F.relu(self.pre_acts(x_n, fp32=True)), theta)
 
 
-class MutualChoiceSAE(_ChoiceSAE):
+class MutualChoiceSAE(_ChoiceSAE, BatchSearch):
     """Mutual Choice SAE (Ayonrinde 2024, arXiv 2411.02124, Sec. 3): the batch's whole sparsity budget is
     allocated freely, the ``k * N`` largest entries of the token x latent matrix ``ReLU(z)`` of a batch of ``N``
     tokens stay active (no per-token or per-latent limit; the same training code as BatchTopK, Bussmann et al.
@@ -242,21 +310,32 @@ class MutualChoiceSAE(_ChoiceSAE):
     :class:`~mim.sae.variants.batchtopk.BatchTopKSAE` (mim's choice: the paper gives no inference rule);
     per-token TopK until the first training step.
 
+    Training code: BatchTopK's exact sparse search (:class:`~mim.sae.variants.batch_search.BatchSearch`), so the
+    (N, d_sae) pre-activations never exist at once (:meth:`keep` is the dense form of the same rule).
+
     Args:
         d_model, d_sae, dead_tokens: see :class:`SparseAutoencoder`.
         k: average active latents per token (the batch budget is ``k * N``).
         k_aux, aux_coeff, underused_fraction, threshold_beta: as :class:`FeatureChoiceSAE`.
+        candidate_factor, candidate_search: the search of the training code (:class:`~mim.sae.variants.
+            batch_search.BatchSearch`; neither changes the result).
 
     Raises:
         ConfigError: ``k`` outside ``[1, d_sae]``, ``k_aux < 1``, ``aux_coeff < 0``, ``underused_fraction`` or
-            ``threshold_beta`` outside ``[0, 1)``.
+            ``threshold_beta`` outside ``[0, 1)``, ``candidate_factor < 1``, another ``candidate_search``.
     """
 
     def __init__(self, d_model: int, d_sae: int, k: int = 32, k_aux: int | None = None, aux_coeff: float = 1 / 32,
-                 underused_fraction: float = 0.1, threshold_beta: float = 0.9, dead_tokens: int = 10_000_000) -> None:
+                 underused_fraction: float = 0.1, threshold_beta: float = 0.9, dead_tokens: int = 10_000_000,
+                 candidate_factor: float = 4.0,
+                 candidate_search: Literal["auto", "threshold", "rows"] = "auto") -> None:
         super().__init__(d_model, d_sae, k, k_aux, aux_coeff, underused_fraction, threshold_beta, dead_tokens)
         self.register_buffer("threshold", torch.tensor(-1.0))
         self.register_buffer("threshold_updates", torch.tensor(0, dtype=torch.long))
+        self.init_search(candidate_factor, candidate_search)
+
+    def batch_pairs(self, x_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self._pairs(x_n, *self.batch_entries(x_n)[:3])
 
     def keep(self, z: torch.Tensor) -> torch.Tensor:
         budget = min(self.k * len(z), z.numel())

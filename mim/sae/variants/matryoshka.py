@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from typing import Literal
 
 import torch
 
@@ -43,8 +44,10 @@ class MatryoshkaSAE(BatchTopKSAE):
 
     def __init__(self, d_model: int, d_sae: int, k: int = 32, prefixes: list[int] | None = None,
                  k_aux: int | None = None, aux_coeff: float = 1 / 32, threshold_beta: float = 0.9,
-                 dead_tokens: int = 10_000_000, candidate_factor: float = 4.0) -> None:
-        super().__init__(d_model, d_sae, k, k_aux, aux_coeff, threshold_beta, dead_tokens, candidate_factor)
+                 dead_tokens: int = 10_000_000, candidate_factor: float = 4.0,
+                 candidate_search: Literal["auto", "threshold", "rows"] = "auto") -> None:
+        super().__init__(d_model, d_sae, k, k_aux, aux_coeff, threshold_beta, dead_tokens, candidate_factor,
+                         candidate_search)
         if prefixes is None:
             prefixes = sorted({max(d_sae // 2**i, 1) for i in range(4, -1, -1)})
         prefixes = [int(p) for p in prefixes]
