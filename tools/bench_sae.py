@@ -107,7 +107,7 @@ KNOWN_ARGS: dict[str, Callable[[Size], dict[str, Any]]] = {
     "AbsTopKSAE": lambda s: {"k": s.k},
     "BatchTopKSAE": lambda s: {"k": s.k},
     "MatryoshkaSAE": lambda s: {"k": s.k},
-    "TopAFASAE": lambda s: {"k_max": 4 * s.k},
+    "TopAFASAE": lambda s: {"k_max": s.k},  # the same cap as TopK's k (its codes fill a larger cap on real features)
     "ReLUSAE": lambda s: {},
     "JumpReLUSAE": lambda s: {},
     "MPSAE": lambda s: {"steps": s.k},
