@@ -140,6 +140,8 @@ def test_sae_variant_trains_under_mixed_precision(name, precision, sae_stores):
     trainer = _fit_and_check(module, datamodule, precision, steps=3)
     metrics = trainer.callback_metrics
     assert 0 < metrics["val/fvu"].item() < 1.5 and metrics["val/l0"].item() > 0
+    # fused Adam, except under fp16's gradient scaler (Lightning could not clip gradients there)
+    assert bool(trainer.optimizers[0].defaults["fused"]) is (precision != "16-mixed")
     for buffer_name, buffer in sae.named_buffers():
         assert buffer.dtype in (torch.float32, torch.int64, torch.bool), buffer_name
     if hasattr(sae, "threshold"):  # BatchTopK / Matryoshka: the estimate was taken in float32

@@ -8,8 +8,9 @@ What one row times (the median of ``--repeats`` single steps after ``--warmup`` 
   ``x (b)`` divides by the faster of the two. Issue goal: TopK <= 1.3x (b).
 - ``mim <Variant>``: the full training step as :class:`mim.sae.module.SAETraining` runs it: ``normalize``,
   ``loss``, the finite-loss check, ``update_firing``, ``zero_grad``, backward, ``remove_parallel_grad_``,
-  ``torch.optim.Adam`` (lr 2e-4, betas (0.9, 0.999), eps 6.25e-10, torch's default implementation, as
-  ``configure_optimizers``) and ``normalize_decoder_``. Every class of :data:`mim.sae.VARIANTS` is built with
+  ``torch.optim.Adam`` (lr 2e-4, betas (0.9, 0.999), eps 6.25e-10, fused, as ``configure_optimizers`` builds it
+  with :func:`mim.sae.module.sae_adam`; the peers use torch's default implementation, as their trainers) and
+  ``normalize_decoder_``. Every class of :data:`mim.sae.VARIANTS` is built with
   the size's ``k`` where its constructor takes one (:data:`KNOWN_ARGS`); a class not listed there is built
   with ``(d_model, d_sae[, k])`` when all its other arguments have defaults, else skipped with the reason.
 - Peers (only where importable; install them in a separate environment, never in mim's):
@@ -268,6 +269,7 @@ class Batches:
 
 # ------------------------------------------------------------------------------------------------ rows
 def adam(params) -> torch.optim.Optimizer:
+    """The peers' optimizer: torch's default Adam, as their trainers build it."""
     return torch.optim.Adam(list(params), lr=LR, betas=BETAS, eps=EPS)
 
 
@@ -333,6 +335,7 @@ def mim_kwargs(cls: type, size: Size) -> tuple[dict[str, Any] | None, str]:
 def mim_rows(size: Size, names: list[str] | None, sample: torch.Tensor, device: str,
              searches: list[str] | None = None) -> list[Row]:
     from mim.sae import VARIANTS
+    from mim.sae.module import sae_adam
 
     rows = []
     for name, cls, kwargs, note in variant_builds(VARIANTS, names, size, searches):
@@ -346,7 +349,7 @@ def mim_rows(size: Size, names: list[str] | None, sample: torch.Tensor, device: 
             sae = cls(size.d, size.d_sae, **kwargs).to(device)
             sae.initialize(sample.to(device))
             sae.train()
-            opt = adam(sae.parameters())
+            opt = sae_adam(sae.parameters(), LR, BETAS, EPS)  # SAETraining's optimizer (float32: fused)
 
             def step(x: torch.Tensor) -> None:  # SAETraining.training_step + Lightning's optimizer step
                 x_n = sae.normalize(x)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import lightning as L
@@ -15,6 +16,27 @@ from mim.sae.metrics import decoder_cosine_stats, sae_metrics
 from mim.sae.variants import SparseAutoencoder
 
 
+def sae_adam(params: Iterable[torch.nn.Parameter], lr: float, betas: tuple[float, float], eps: float,
+             fused: bool = True) -> torch.optim.Adam:
+    """The SAE optimizer: ``torch.optim.Adam``, in its fused implementation where every parameter allows it
+    (floating point, on CPU or CUDA).
+
+    The fused kernel is the same update in one pass per tensor instead of about ten element-wise passes; on 2 CPU
+    cores it takes 0.33 ms instead of 4.3 ms for a ViT-Tiny-size TopK SAE (1.2 M parameters) and 5.4 instead of
+    40 ms for the archetypal SAE's 9.4 M mixing weights. ``fused=False`` keeps torch's default (foreach)
+    implementation: ``SAETraining`` passes it under 16-bit precision, whose gradient scaler would otherwise
+    leave the unscaling to the fused kernel, which Lightning's gradient clipping does not allow.
+
+    Args:
+        params: the SAE's parameters.
+        lr, betas, eps: Adam's.
+        fused: use the fused implementation where possible.
+    """
+    params = list(params)
+    fused = fused and all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, fused=fused or None)
+
+
 class SAETraining(L.LightningModule):
     """Train a :class:`~mim.sae.variants.SparseAutoencoder` on feature-store batches (``FeatureStoreDataModule``).
 
@@ -24,8 +46,9 @@ class SAETraining(L.LightningModule):
     - Initialisation on ``init_tokens`` shuffled training tokens (the same on every rank): input scale
       (``E||x_n|| = sqrt(d_model)``) and ``b_dec`` = their geometric median; the decoder starts as random unit
       directions, the encoder as its transpose. Skipped when resuming (the SAE's ``initialized`` buffer).
-    - Adam (``betas``, ``eps`` = 6.25e-10 as Gao et al.), lr linearly warmed up over ``warmup_steps``, constant,
-      then linearly decayed to 0 over the last ``decay_fraction`` of the steps (April update: last 20 %).
+    - Adam (``betas``, ``eps`` = 6.25e-10 as Gao et al.; fused, :func:`sae_adam`), lr linearly warmed up over
+      ``warmup_steps``, constant, then linearly decayed to 0 over the last ``decay_fraction`` of the steps (April
+      update: last 20 %).
     - Unit-norm decoder rows for the variants that use it: the gradient's parallel component is removed before
       each optimizer step (``on_before_optimizer_step``, which Lightning runs after the backward and *before* its
       gradient clipping, so ``--trainer.gradient_clip_val`` measures and clips the gradient that is applied) and
@@ -125,8 +148,9 @@ class SAETraining(L.LightningModule):
         self.sae.initialize(next(iter(batches)).features.to(self.device))
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.hparams.lr, betas=self.hparams.betas,
-                                     eps=self.hparams.eps)
+        scaler = str(self.trainer.precision).startswith("16")  # fp16 with a GradScaler (see sae_adam)
+        optimizer = sae_adam(self.sae.parameters(), self.hparams.lr, self.hparams.betas, self.hparams.eps,
+                             fused=not scaler)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup, decay = self.hparams.warmup_steps, int(self.hparams.decay_fraction * total)
 
