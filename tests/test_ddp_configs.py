@@ -110,7 +110,7 @@ def test_pretraining_config_under_ddp(config, tmp_path, shared_data):
     single = torch.load(_log_dir(one) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     _assert_same_parameters(ckpt["state_dict"], single["state_dict"])
     ddp_logs, one_logs = _logged(log_dir), _logged(_log_dir(one))
-    for metric in ("train/loss", "val/loss", "probe/val_top1", "knn/val_top1"):
+    for metric in ("train/loss", "val/loss", "probe/val_top1", "knn/val_top1", "epoch_probe/val_top1"):
         assert ddp_logs[metric] == pytest.approx(one_logs[metric], rel=1e-5, abs=1e-6), metric
 
 

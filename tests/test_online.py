@@ -3,7 +3,15 @@ import pytest
 import torch
 
 from mim.data import ImageDataModule
-from mim.eval import OnlineKNN, OnlineLinearProbe, pooled_features, weighted_knn_scores
+from mim.errors import ConfigError
+from mim.eval import (
+    EpochLinearProbe,
+    OnlineKNN,
+    OnlineLinearProbe,
+    fit_linear_classifier,
+    pooled_features,
+    weighted_knn_scores,
+)
 from mim.methods import MAE
 
 SMALL = dict(
@@ -56,12 +64,42 @@ def test_probe_gradients_never_reach_the_encoder(tmp_path, shared_data):
 def test_frozen_encoder_is_bit_identical_after_probe_training(tmp_path, shared_data):
     torch.manual_seed(0)
     reference = MAE(**SMALL).encoder.state_dict()
-    trainer, model = _fit(tmp_path, shared_data, [OnlineLinearProbe(), OnlineKNN()], lr=0.0)
+    trainer, model = _fit(tmp_path, shared_data, [OnlineLinearProbe(), OnlineKNN(), EpochLinearProbe()], lr=0.0)
     for key, value in model.encoder.state_dict().items():
         assert torch.equal(value, reference[key]), key
     metrics = trainer.callback_metrics
     assert 0.0 <= metrics["probe/val_top1"] <= 1.0
     assert 0.0 <= metrics["knn/val_top1"] <= 1.0
+    assert 0.0 <= metrics["epoch_probe/val_top1"] <= 1.0
+
+
+def test_epoch_probe_fit_reaches_the_optimum_and_is_deterministic():
+    """Three Gaussian classes in 16 dims: the L-BFGS fit ends at a stationary point of the regularised
+    cross-entropy (what a probe that stopped early would miss), classifies held-out samples well, and two fits
+    are bit-identical (every DDP rank fits the same probe)."""
+    gen = torch.Generator().manual_seed(0)
+    centres = 2 * torch.randn(3, 16, generator=gen)
+    labels = torch.arange(3).repeat_interleave(400)
+    features = 5.0 + 3.0 * (centres[labels] + torch.randn(1200, 16, generator=gen))  # not standardised
+    train, test = torch.arange(1200) % 4 != 0, torch.arange(1200) % 4 == 0
+    probe = fit_linear_classifier(features[train], labels[train], 3, weight_decay=1e-3)
+    weight, bias = probe.weight.clone().requires_grad_(), probe.bias.clone().requires_grad_()
+    x = (features[train] - probe.mean) / probe.std
+    loss = torch.nn.functional.cross_entropy(x @ weight.T + bias, labels[train]) + 5e-4 * weight.pow(2).sum()
+    loss.backward()
+    assert weight.grad.abs().max() < 1e-4 and bias.grad.abs().max() < 1e-4
+    assert (probe.logits(features[test]).argmax(1) == labels[test]).float().mean() > 0.95
+    again = fit_linear_classifier(features[train], labels[train], 3, weight_decay=1e-3)
+    assert torch.equal(again.weight, probe.weight) and torch.equal(again.bias, probe.bias)
+    with torch.inference_mode():  # Lightning's validation runs in inference mode
+        inside = fit_linear_classifier(features[train], labels[train], 3, weight_decay=1e-3)
+    assert torch.equal(inside.weight, probe.weight)
+
+
+def test_bad_epoch_probe_arguments_are_one_config_error():
+    for kwargs in ({"weight_decay": -1.0}, {"max_iter": 0}, {"max_bank_size": 0}, {"pool": "max"}):
+        with pytest.raises(ConfigError, match="EpochLinearProbe"):
+            EpochLinearProbe(**kwargs)
 
 
 def test_pooled_features_are_detached_and_restore_mode(cifar_batch):

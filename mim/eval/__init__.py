@@ -14,12 +14,15 @@ from mim.eval.finetune import FineTune
 from mim.eval.knn import knn_top1, weighted_knn_scores
 from mim.eval.knn_eval import KNNEval
 from mim.eval.linear_probe import LinearProbe
-from mim.eval.online import OnlineKNN, OnlineLinearProbe
+from mim.eval.logistic import LinearClassifier, fit_linear_classifier
+from mim.eval.online import EpochLinearProbe, OnlineKNN, OnlineLinearProbe
 
 __all__ = [
     "EncoderLoadError",
+    "EpochLinearProbe",
     "FineTune",
     "KNNEval",
+    "LinearClassifier",
     "LinearProbe",
     "OnlineKNN",
     "OnlineLinearProbe",
@@ -27,6 +30,7 @@ __all__ = [
     "PretrainedWeightsUnavailableError",
     "adopt_preprocessing",
     "encoder_data_config",
+    "fit_linear_classifier",
     "knn_top1",
     "load_encoder_from",
     "pooled_features",
