@@ -162,3 +162,22 @@ def test_probes_and_knn_share_one_encoder_pass_per_batch(tmp_path, shared_data, 
 
     _fit(tmp_path, shared_data, [CountForward(), *callbacks], max_steps=2)
     assert len(calls) == 2  # one frozen pass per training batch, shared by the three callbacks
+
+
+def test_converged_probe_tool_prints_one_row_per_encoder_and_weight_decay(shared_data):
+    """``tools/converged_probe.py`` on real CIFAR-10 images (50 train, 20 test) with a random-init timm ViT."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "converged_probe.py"
+    out = subprocess.run(
+        [sys.executable, str(tool), "timm:vit_tiny_patch16_224", "--model-kwargs", '{"img_size": 32, "patch_size": 4}',
+         "--root", str(shared_data), "--limit-per-class", "5", "--val-limit-per-class", "2",
+         "--weight-decay", "1e-4", "1e-2", "--batch-size", "10"],
+        capture_output=True, text=True, timeout=300, check=True,
+    ).stdout
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| timm:")]
+    assert [r[1].strip() for r in rows] == ["0.0001", "0.01"]
+    for _, _, train, test in rows:
+        assert 0 <= float(test) <= 100 and float(train) > 50  # 50 images in 192 dims: the probe fits them
