@@ -335,8 +335,8 @@ class EpochLinearProbe(_EpochBank):
 
     :class:`OnlineLinearProbe` trains its head one step per training batch, on features that move as the encoder
     trains: in a short run it measures how far its head got as much as the features (on the 4-epoch CIFAR-10
-    quick run its random-init row was still climbing, and the offline probe of the same encoders separated them
-    by 5.2 points where it did not). This probe refits from scratch at every validation: multinomial logistic
+    quick run its random-init row ends at 31.5 % on fixed features that a converged probe reads at 39.2 %). This
+    probe refits from scratch at every validation: multinomial logistic
     regression on standardised features (the MAE probe's ``BatchNorm1d(affine=False)``), full-batch L-BFGS
     (:func:`mim.eval.logistic.fit_linear_classifier`), on the bank of the epoch's pooled training features that
     :class:`OnlineKNN` also keeps (augmented images, gathered over DDP ranks; every rank fits the same
