@@ -287,7 +287,7 @@ class SparseAutoencoder(nn.Module):
         Raises:
             UserError: a sample with another width, or non-finite values.
         """
-        sample = sample.detach().float().to(self.W_dec.device)
+        sample = sample.detach().float().to(self.b_dec.device)
         if sample.ndim != 2 or sample.shape[1] != self.d_model or not len(sample):
             raise UserError(f"SAE initialisation needs a (n, {self.d_model}) sample, got {tuple(sample.shape)}.")
         if not torch.isfinite(sample).all():
@@ -300,7 +300,7 @@ class SparseAutoencoder(nn.Module):
     # ------------------------------------------------------------------------------------------- inference
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Raw features (N, d_model) -> the normalised ``x_n`` the SAE works on."""
-        return x.to(self.W_dec.dtype) * self.input_scale
+        return x.to(self.b_dec.dtype) * self.input_scale
 
     def pre_acts(self, x_n: torch.Tensor, fp32: bool = False) -> torch.Tensor:
         """Dense pre-activations ``z = W_enc (x_n - b_dec) + b_enc``: (N, d_sae).
