@@ -34,18 +34,21 @@ def _active(batch: int, grid: int = 2, seed: int = 0) -> torch.Tensor:
     return active
 
 
-def test_masked_batch_norm_equals_batchnorm1d_on_gathered_active_sites():
-    """The official sparse BN gathers the active feature vectors and runs BatchNorm1d on them."""
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_masked_batch_norm_equals_batchnorm1d_on_gathered_active_sites(channels_last):
+    """The official sparse BN gathers the active feature vectors and runs BatchNorm1d on them; in either
+    memory format (the backward's masked channel sum takes a different product for each)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     active = _active(4, grid=3)
     sites = upsample_active(active, (12, 12))
     x = torch.randn(4, 8, 12, 12) * 3 + 1
-    x = x * sites
+    x = (x * sites).contiguous(memory_format=fmt)
     bn = torch.nn.BatchNorm1d(8)
     with torch.no_grad():
         bn.weight.uniform_(0.5, 2)
         bn.bias.uniform_(-1, 1)
     rm, rv = torch.zeros(8), torch.ones(8)
-    upstream = torch.randn(4, 8, 12, 12)
+    upstream = torch.randn(4, 8, 12, 12).contiguous(memory_format=fmt)  # nonzero off the sites too
     x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
     weight, bias = bn.weight.detach().clone().requires_grad_(), bn.bias.detach().clone().requires_grad_()
     ours = masked_batch_norm(x_ours, sites.float(), rm, rv, weight, bias, 0.1, bn.eps)

@@ -77,9 +77,9 @@ class SparK(PretrainModule):
         channels_last: keep the encoder's and decoder's 4-D weights and the input images in
             ``torch.channels_last`` (NHWC) memory format, a layout only: the same loss and gradients
             to float32 rounding (``tests/test_spark_speed.py``). Faster on CPU (oneDNN convolutions:
-            a ResNet-18 step 0.78x-0.61x the official NCHW code's at 64 / 224 px, ``tools/bench_spark.py
-            --official``); NHWC is cuDNN's preferred layout too (not measured here). The official code
-            runs NCHW.
+            with the sparse BN's fused sums, a ResNet-18 step 0.78-0.80x / 0.72-0.76x the official NCHW
+            code's at 64 / 224 px on 2 idle CPU cores, ``tools/bench_spark.py --official``); NHWC is
+            cuDNN's preferred layout too (not measured here). The official code runs NCHW.
 
     Raises:
         ConfigError: unknown backbone or one without 4 feature scales, ``img_size`` not a multiple
