@@ -18,6 +18,8 @@ from mim.errors import ConfigError
 from mim.features import FeatureStore
 from mim.sae import VARIANTS, BatchTopKSAE, JumpReLUSAE, MatryoshkaSAE, ReLUSAE
 from mim.sae.variants.base import batch_variance
+from mim.sae.variants.jumprelu import _DenseJumpReLU
+from mim.sae.variants.relu import _DenseReLUL1
 
 D, D_SAE, K, N = 192, 512, 16, 512
 
@@ -292,6 +294,43 @@ def test_threshold_variants_dense_sparse_and_fallback_steps_equal_the_dense_step
     sae._support_width = 2  # rows with more than 2 support entries are found and recomputed in full
     assert_step_equals_reference(sae, x_n)
     assert sae.last_fallback
+
+
+@pytest.mark.parametrize("name", ["ReLUSAE", "JumpReLUSAE"])
+def test_fused_dense_steps_equal_autograd(name, x_n_raw, monkeypatch):
+    """The dense step's fused Function (``_DenseReLUL1`` / ``_DenseJumpReLU``) against the dense reference: at
+    JumpReLU bandwidth 0.5 (thousands of entries in eq. 11/12's window), with the warm-up part-way; the support
+    count the next step's width follows, the firing counts and l0 equal; the input's own gradient (features that
+    require grad: ``dz W_enc``) equal too; under autocast the dense step is plain autograd instead."""
+    fused = _DenseReLUL1 if name == "ReLUSAE" else _DenseJumpReLU
+    calls = []
+    original = fused.forward
+    monkeypatch.setattr(fused, "forward", staticmethod(lambda ctx, *a: calls.append(1) or original(ctx, *a)))
+    extra = {"bandwidth": 0.5} if name == "JumpReLUSAE" else {}
+    sae = make(name, x_n_raw, dead=False, pre_act_coeff=0.0, **extra)
+    sae.train()
+    sae.step.fill_(3)
+    x_n = sae.normalize(x_n_raw[:N])
+    z = _dense_z(sae, x_n).detach()
+    theta = sae.log_threshold.exp().detach() if name == "JumpReLUSAE" else torch.zeros(D_SAE)
+    if name == "JumpReLUSAE":
+        assert (((z - theta) / 0.5).abs() < 0.5).sum() > 1000
+    out = assert_step_equals_reference(sae, x_n)
+    assert calls == [1]  # the fused Function ran
+    support = (z > theta - (0.25 if name == "JumpReLUSAE" else 0.0)).sum().item()
+    assert sae._support_width == min(D_SAE, math.ceil(3 * support / N) + 16)
+    assert torch.equal(out.fired, (z > theta).sum(0))
+    assert out.l0.item() == pytest.approx((z > theta).sum(1).float().mean().item())
+    x_a, x_b = x_n.clone().requires_grad_(), x_n.clone().requires_grad_()
+    sae.loss(x_a).loss.backward()
+    REFERENCES[name](copy.deepcopy(sae), x_b).backward()
+    # a sum of d_sae products with cancellations, summed in another order: float32 rounding to ~3e-5 of the largest
+    torch.testing.assert_close(x_a.grad, x_b.grad, rtol=1e-4, atol=1e-4 * float(x_b.grad.abs().max()))
+    calls.clear()
+    sae._support_width = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sae.loss(x_n).loss.backward()
+    assert calls == []
 
 
 def test_jumprelu_sparse_step_holds_the_pseudo_derivative_windows(x_n_raw):

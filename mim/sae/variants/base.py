@@ -169,6 +169,23 @@ def host_ints(*values: torch.Tensor) -> list[int]:
     return torch.stack([v.reshape(()).long() for v in values]).tolist()
 
 
+def column_counts(mask: torch.Tensor) -> torch.Tensor:
+    """(M,) int64: the ``True`` (non-zero) entries in each column of a ``mask`` (N, M), exactly.
+
+    Sums of 255-row blocks in ``uint8`` (at most 255 each, so no overflow), added up in int64. ``mask.sum(0)``
+    first casts the whole map to int64: on 2 CPU cores 72 ms for a (4096, 3072) map, against 0.6 ms here.
+    """
+    if mask.dtype != torch.bool:
+        mask = mask != 0
+    if mask.device.type != "cpu":  # the cast is on the fly there
+        return mask.sum(0)
+    rows = mask.view(torch.uint8)
+    counts = torch.zeros(rows.shape[1], dtype=torch.long, device=rows.device)
+    for start in range(0, len(rows), 255):
+        counts += rows[start : start + 255].sum(0, dtype=torch.uint8)
+    return counts
+
+
 def threshold_code(z: torch.Tensor, threshold: torch.Tensor | float) -> SparseCode:
     """The code ``z * (z > threshold)`` in padded form, gradients to ``z`` at the active entries."""
     return support_code(z, z.detach() > threshold)
@@ -376,9 +393,10 @@ class SparseAutoencoder(nn.Module):
 
     def dense_step_result(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], x_hat: torch.Tensor,
                           f: torch.Tensor) -> SAELoss:
-        """The :class:`SAELoss` of a dense step: ``f`` (N, d_sae) the dense code (firing where non-zero)."""
-        active = f.detach() != 0
-        return SAELoss(loss, terms, x_hat, active.sum(0), active.sum(1).float().mean())
+        """The :class:`SAELoss` of a dense step: ``f`` (N, d_sae) the dense code (firing where non-zero), or its
+        support as a bool map."""
+        fired = column_counts(f if f.dtype == torch.bool else f.detach() != 0)
+        return SAELoss(loss, terms, x_hat, fired, fired.sum().float() / max(len(f), 1))
 
     def dense_decode_n(self, f: torch.Tensor) -> torch.Tensor:
         """``x_hat_n = f W_dec + b_dec`` of a dense code ``f`` (N, d_sae) by one matmul, in float32 also under
@@ -454,6 +472,11 @@ class SupportStep:
         width = getattr(self, "_support_width", None)
         return None if width is None or width > self.sparse_max_fraction * self.d_sae else width
 
+    def fused_dense_step(self, x_n: torch.Tensor) -> bool:
+        """Whether the dense step can run fused (the variant's own autograd Function): autocast off on ``x_n``'s
+        device and ``x_n`` in the encoder's dtype; under autocast the dense step runs through autograd."""
+        return not torch.is_autocast_enabled(x_n.device.type) and x_n.dtype == self.W_enc.dtype
+
     def note_support(self, mean_count: float) -> None:
         """Record a step's mean support entries per row (sets the next step's width)."""
         self._support_width = min(self.d_sae, math.ceil(3 * mean_count) + 16)
@@ -517,8 +540,8 @@ class SupportStep:
                          dense: torch.Tensor | None, code: RaggedCode | None) -> SAELoss:
         """The threshold variants' loss: ``mse + w * coeff * penalty`` (``w``: :func:`warmup_scale` of the
         ``step`` buffer), plus ``pre_act_coeff * pre_act()`` (:meth:`dead_pre_act_loss`) when that is on; in
-        training it advances ``step``. ``dense``: the dense step's (N, d_sae) code, else ``None`` and ``code`` the
-        sparse step's entries. Logged terms: ``mse``, ``penalty_name``, ``pre_act``."""
+        training it advances ``step``. ``dense``: the dense step's (N, d_sae) code or its bool support, else ``None``
+        and ``code`` the sparse step's entries. Logged terms: ``mse``, ``penalty_name``, ``pre_act``."""
         mse = squared_error(x_n, x_hat)
         loss = mse + warmup_scale(self.step, warmup_steps) * coeff * penalty
         terms = {"mse": mse, penalty_name: penalty}

@@ -16,9 +16,11 @@ from mim.sae.variants.base import (
     _check_fraction,
     _check_non_negative,
     _check_positive,
+    column_counts,
     host_ints,
     threshold_code,
 )
+from mim.sae.variants.relu import _zero_where_inactive_
 
 
 def _rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -67,6 +69,66 @@ class _Step(torch.autograd.Function):
         return None, grad_theta, None
 
 
+class _DenseJumpReLU(torch.autograd.Function):
+    """The dense JumpReLU step, fused: ``z = (x - b_dec) W_enc^T + b_enc``, ``f = z H(z - theta)``,
+    ``x_hat = f W_dec + b_dec`` and ``l0 = E_n sum_i H(z_ni - theta_i)``, with the gradients of
+    :class:`_JumpReLU` and :class:`_Step` (eqs. 11-12 of Rajamanoharan et al. 2024) and of the two linear maps.
+
+    Autograd through those Functions allocates a dozen (N, d_sae) maps (``f``, the step, both kernels' ``u``,
+    their products) and computes ``d (x - b_dec) = dz W_enc``, a (N, d_sae) x (d_sae, d) matmul only ``b_dec``
+    needs (its gradient is ``-(sum_n dz_n) W_enc``). Here ``f`` overwrites ``z``; the rectangle kernels' window
+    ``|z - theta| < eps / 2`` is found in the forward as a list of entries (``u = (z - theta) / eps`` evaluated
+    on the entries within ``eps`` of ``theta`` exactly as :func:`_rectangle` does, so the same entries); the
+    backward makes one (N, d_sae) map, ``dx_hat W_dec^T``, takes the thresholds' gradient from the window's
+    entries, masks it in place to ``dz`` and runs three matmuls (``dW_enc``, ``dW_dec`` and, only if ``x`` needs
+    it, ``dx``).
+
+    Inputs: ``x`` (N, d), ``W_enc`` (d_sae, d), ``b_enc`` (d_sae,), ``b_dec`` (d,), ``W_dec`` (d_sae, d),
+    ``theta`` (d_sae,) > 0, ``eps`` (float). Returns ``x_hat`` (N, d), ``l0`` (scalar) and, without gradient,
+    the firing map ``z > theta`` (N, d_sae) bool and the support size ``#{z > theta - eps / 2}`` (int64 scalar).
+    """
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, b_dec, W_dec, theta, eps):
+        x_c = x - b_dec
+        z = torch.addmm(b_enc, x_c, W_enc.t())
+        above = z > theta
+        support = column_counts(z > theta - eps / 2).sum()
+        rows, cols = ((z > theta - eps) & (z < theta + eps)).nonzero(as_tuple=True)  # the kernels' candidates
+        inside = _rectangle((z[rows, cols] - theta[cols]) / eps).bool()
+        rows, cols = rows[inside], cols[inside]
+        f = z.masked_fill_(~above, 0.0)
+        x_hat = torch.addmm(b_dec, f, W_dec)
+        l0 = column_counts(above).sum().to(x.dtype) / len(x)
+        ctx.save_for_backward(x_c, W_enc, W_dec, theta, f, rows, cols)
+        ctx.eps = eps
+        ctx.mark_non_differentiable(above, support)
+        ctx.set_materialize_grads(False)  # no zero (N, d_sae) gradient for the firing map
+        return x_hat, l0, above, support
+
+    @staticmethod
+    def backward(ctx, grad_x_hat, grad_l0, _grad_above, _grad_support):
+        x_c, W_enc, W_dec, theta, f, rows, cols = ctx.saved_tensors
+        eps, n = ctx.eps, len(x_c)
+        if grad_x_hat is None:
+            grad_x_hat = x_c.new_zeros(x_c.shape)
+        grad_f = grad_x_hat @ W_dec.t()
+        grad_theta = None
+        if ctx.needs_input_grad[5]:  # eq. 11 (the reconstruction through f) + eq. 12 (the L0 term), on the window
+            per_entry = grad_f[rows, cols] * -(theta[cols] / eps)
+            if grad_l0 is not None:
+                per_entry = per_entry + grad_l0 / n * -(1.0 / eps)
+            grad_theta = theta.new_zeros(theta.shape).index_add_(0, cols, per_entry)
+        grad_z = _zero_where_inactive_(grad_f, f)  # d f / d z = H(z - theta): f > 0 exactly there (theta > 0)
+        grad_b_enc = grad_z.sum(0)
+        grad_x = grad_z @ W_enc if ctx.needs_input_grad[0] else None
+        grad_W_enc = grad_z.t() @ x_c if ctx.needs_input_grad[1] else None
+        grad_W_dec = f.t() @ grad_x_hat if ctx.needs_input_grad[4] else None
+        grad_b_dec = grad_x_hat.sum(0) - grad_b_enc @ W_enc if ctx.needs_input_grad[3] else None
+        return (grad_x, grad_W_enc, grad_b_enc if ctx.needs_input_grad[2] else None, grad_b_dec, grad_W_dec,
+                grad_theta, None)
+
+
 class JumpReLUSAE(SupportStep, SparseAutoencoder):
     """JumpReLU SAE (Rajamanoharan et al. 2024, "Jumping Ahead", arXiv 2407.14435, Sec. 3-4):
     ``f = z * H(z - theta)`` with a learned threshold per latent (``theta = exp(log_threshold)``), loss =
@@ -88,7 +150,8 @@ class JumpReLUSAE(SupportStep, SparseAutoencoder):
     (the L0 term's) lie inside ``S``, and ``E||f||_0`` counts entries above ``theta``. So the code holds ``S``
     (zeros in the window below ``theta``), the encoder's backward runs on ``S`` only, and the thresholds'
     gradients are summed from ``S`` (a row with more candidates in ``S`` than the candidate width is recomputed in
-    full). The dense step runs while ``S`` is wide (early in training). One sync per step (one more when a row needs the fallback).
+    full). The dense step runs while ``S`` is wide (early in training): fused (:class:`_DenseJumpReLU`), or plain
+    autograd under autocast. One sync per step (one more when a row needs the fallback).
 
     Precision: ``z`` is computed in float32 also under autocast (:meth:`SparseAutoencoder.pre_acts` with ``fp32``),
     as are the comparison with ``theta`` and the pseudo-derivatives; with a bf16 ``z`` the window
@@ -140,16 +203,22 @@ class JumpReLUSAE(SupportStep, SparseAutoencoder):
         theta = self.log_threshold.float().exp()
         eps, dead = self.bandwidth, self.dead_latents()
         width = self.sparse_width()
-        f = code = None
-        if width is None:  # the dense step: plain autograd through all pre-activations, a dense decoder matmul
+        dense = code = None  # the dense step's code (or its firing map), or the sparse step's entries
+        if width is None and self.fused_dense_step(x_n):  # the dense step fused (_DenseJumpReLU)
+            x_hat, l0, dense, support = _DenseJumpReLU.apply(
+                x_n, self.W_enc, self.b_enc, self.b_dec, self.W_dec, theta, eps)
+            nnz, n_dead = host_ints(support, dead.sum())
+            self.note_support(nnz / max(len(x_n), 1))
+            self.last_fallback = False
+        elif width is None:  # the dense step under autocast: autograd (z and the kernels in float32)
             z = self.pre_acts(x_n, fp32=True)
-            f = _JumpReLU.apply(z, theta, eps)
+            dense = _JumpReLU.apply(z, theta, eps)
             l0 = _Step.apply(z, theta, eps).sum(-1).mean()
             # the support the next step's width follows: f != 0 and the zeros within bandwidth / 2 below theta
             nnz, n_dead = host_ints((z.detach() > theta.detach() - eps / 2).sum(), dead.sum())
             self.note_support(nnz / max(len(x_n), 1))
             self.last_fallback = False
-            x_hat = self.dense_decode_n(f)
+            x_hat = self.dense_decode_n(dense)
         else:  # the support z > theta - bandwidth / 2 only (exact; class docstring)
             code, n_dead = self.support_entries(x_n, theta, eps / 2, True, width, dead)
             z = self.attach_ragged(x_n, code, fp32=True)
@@ -158,4 +227,4 @@ class JumpReLUSAE(SupportStep, SparseAutoencoder):
             code = code._replace(values=_JumpReLU.apply(z, theta_s, eps))
             x_hat = self.decode_n(code)
         return self.penalised_result(x_n, x_hat, "l0_penalty", l0, self.l0_coeff, self.l0_warmup_steps,
-                                     lambda: self.dead_pre_act_loss(x_n, dead, n_dead, theta, True), f, code)
+                                     lambda: self.dead_pre_act_loss(x_n, dead, n_dead, theta, True), dense, code)
