@@ -186,6 +186,16 @@ def column_counts(mask: torch.Tensor) -> torch.Tensor:
     return counts
 
 
+def zero_where_inactive_(grad: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """``grad`` (N, d_sae) set to 0 in place where the code ``f >= 0`` (same shape) is 0: the derivative of ReLU (and
+    of JumpReLU, whose ``f`` is 0 exactly below its positive threshold) as autograd applies it (0 at ``z = 0``).
+
+    ATen's ``threshold_backward`` written into ``grad`` itself: 3 ms for a (4096, 3072) map on 2 CPU cores, where
+    ``masked_fill_`` takes 26 ms and ``mul_`` by the bool map first casts it to a fresh float map.
+    """
+    return torch.ops.aten.threshold_backward.grad_input(grad, f, 0.0, grad_input=grad)
+
+
 def threshold_code(z: torch.Tensor, threshold: torch.Tensor | float) -> SparseCode:
     """The code ``z * (z > threshold)`` in padded form, gradients to ``z`` at the active entries."""
     return support_code(z, z.detach() > threshold)

@@ -19,8 +19,8 @@ from mim.sae.variants.base import (
     column_counts,
     host_ints,
     threshold_code,
+    zero_where_inactive_,
 )
-from mim.sae.variants.relu import _zero_where_inactive_
 
 
 def _rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -119,7 +119,7 @@ class _DenseJumpReLU(torch.autograd.Function):
             if grad_l0 is not None:
                 per_entry = per_entry + grad_l0 / n * -(1.0 / eps)
             grad_theta = theta.new_zeros(theta.shape).index_add_(0, cols, per_entry)
-        grad_z = _zero_where_inactive_(grad_f, f)  # d f / d z = H(z - theta): f > 0 exactly there (theta > 0)
+        grad_z = zero_where_inactive_(grad_f, f)  # d f / d z = H(z - theta): f > 0 exactly there (theta > 0)
         grad_b_enc = grad_z.sum(0)
         grad_x = grad_z @ W_enc if ctx.needs_input_grad[0] else None
         grad_W_enc = grad_z.t() @ x_c if ctx.needs_input_grad[1] else None
