@@ -405,7 +405,7 @@ class SparseAutoencoder(nn.Module):
                           f: torch.Tensor) -> SAELoss:
         """The :class:`SAELoss` of a dense step: ``f`` (N, d_sae) the dense code (firing where non-zero), or its
         support as a bool map."""
-        fired = column_counts(f if f.dtype == torch.bool else f.detach() != 0)
+        fired = column_counts(f.detach())  # non-zero entries, or the bool map's True ones
         return SAELoss(loss, terms, x_hat, fired, fired.sum().float() / max(len(f), 1))
 
     def dense_decode_n(self, f: torch.Tensor) -> torch.Tensor:
