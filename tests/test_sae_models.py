@@ -26,7 +26,14 @@ from mim.sae import (
     load_sae,
     save_sae,
 )
-from mim.sae.kernels import select_linear, sparse_decode
+from mim.sae.kernels import (
+    attach_linear_grad_ragged,
+    ragged_decode,
+    ragged_offsets,
+    select_linear,
+    sparse_decode,
+    threshold_linear,
+)
 from mim.sae.variants.base import batch_variance, geometric_median
 
 D, D_SAE, K = 192, 512, 16
@@ -240,6 +247,75 @@ def test_sparse_kernels_equal_dense_autograd(sae_tokens):
     torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-4)
     for name, a, b in zip(["W_enc", "b_enc", "W_dec", "b_dec"], grads_sparse, grads_dense):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3, msg=name)
+
+
+def test_decode_and_attach_backwards_equal_dense_float64(sae_tokens):
+    """The hand-written backwards (sorted-by-latent sums for both weight gradients, sampled dots for the
+    values) against dense autograd in float64, on real tokens: a padded code with repeated ids and zero slots,
+    and a ragged code with empty rows."""
+    x, _ = sae_tokens
+    x = x[:64].double()
+    gen = torch.Generator().manual_seed(0)
+    n, d_sae, s = len(x), 40, 6
+    W = torch.randn(d_sae, x.shape[1], generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(d_sae, generator=gen, dtype=torch.float64, requires_grad=True)
+    xg = x.clone().requires_grad_()
+    up = torch.randn(n, x.shape[1], generator=gen, dtype=torch.float64)
+
+    def dense_code(rows, ids, vals):  # the (n, d_sae) code, repeated ids adding up
+        return torch.zeros(n, d_sae, dtype=torch.float64).index_put((rows, ids), vals, accumulate=True)
+
+    # padded: ids repeat within rows (as matching pursuit makes), some slots hold 0
+    ids = torch.randint(0, d_sae, (n, s), generator=gen)
+    ids[:, 1] = ids[:, 0]
+    vals = torch.randn(n, s, generator=gen, dtype=torch.float64).masked_fill(ids % 5 == 0, 0).requires_grad_()
+    out = sparse_decode(vals, ids, W)
+    ref = dense_code(torch.arange(n).repeat_interleave(s), ids.reshape(-1), vals.reshape(-1)) @ W
+    got = torch.autograd.grad((out * up).sum(), (vals, W))
+    want = torch.autograd.grad((ref * up).sum(), (vals, W))
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+    # ragged: rows 0..9 and every 7th row hold no entry; pre-activations attached, then decoded
+    keep = torch.rand(n, d_sae, generator=gen) < 0.2
+    keep[:10] = False
+    keep[::7] = False
+    rows, cols = keep.nonzero(as_tuple=True)
+    offsets = ragged_offsets(rows, n)
+    with torch.no_grad():
+        z = F.linear(x, W, b)
+    pre = attach_linear_grad_ragged(xg, W, b, z[rows, cols], cols, rows, offsets)
+    out = ragged_decode(F.relu(pre), cols, offsets, W)
+    zr = F.linear(xg, W, b)
+    ref = dense_code(rows, cols, F.relu(zr[rows, cols])) @ W
+    got = torch.autograd.grad((out * up).sum() + pre.sum(), (xg, W, b))
+    want = torch.autograd.grad((ref * up).sum() + zr[rows, cols].sum(), (xg, W, b))
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for name, a, e in zip(["x", "W", "b"], got, want):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_select_linear_blocks_equal_one_pass(sae_tokens):
+    """Blocks written into one reused buffer (and, under autocast, fresh bf16 blocks) select and return what one
+    pass over all rows does, and the threshold pass finds the same entries."""
+    x, _ = sae_tokens
+    x = x[:200]
+    gen = torch.Generator().manual_seed(1)
+    W, b = torch.randn(96, x.shape[1], generator=gen), torch.randn(96, generator=gen)
+    top = lambda z: z.topk(5, dim=1).indices  # noqa: E731
+    whole = select_linear(x, W, b, top, chunk_rows=len(x))
+    blocks = select_linear(x, W, b, top, chunk_rows=16)  # 13 blocks, the last one short
+    for a, e in zip(blocks, whole):
+        assert torch.equal(a, e)
+    cut = float(F.linear(x, W, b).quantile(0.9))
+    rows, ids, vals = threshold_linear(x, W, b, cut, chunk_rows=16)[:3]
+    z = F.linear(x, W, b)
+    want_rows, want_ids = (z >= cut).nonzero(as_tuple=True)
+    assert torch.equal(rows, want_rows) and torch.equal(ids, want_ids) and torch.equal(vals, z[want_rows, want_ids])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        values, _ = select_linear(x, W, b, top, chunk_rows=16)
+    assert values.dtype == torch.bfloat16
 
 
 def test_auxk_is_zero_without_dead_latents_and_revives_them(sae_tokens):

@@ -5,12 +5,16 @@ A k-sparse code of a batch is kept in padded-row form: ``values`` (N, s) and ``i
 matmul, and the encoder's backward is sparse too:
 
 - :func:`sparse_decode`: ``x_hat[n] = sum_j values[n, j] * W_dec[indices[n, j]]``, PyTorch's
-  ``embedding_bag`` with per-sample weights (``mode="sum"``): the forward gathers only the active rows; its
-  backward gives ``d values`` (a gather-dot) and ``d W_dec`` (a scatter-add into the active rows).
+  ``embedding_bag`` with per-sample weights (``mode="sum"``): the forward gathers only the active rows. On the
+  CPU its backward gives ``d values`` as sampled dot products (``torch.sparse.sampled_addmm`` on the code's
+  pattern) and ``d W_dec = F^T d x_hat`` as a transposed sparse sum (the entries sorted by latent, one
+  ``embedding_bag`` with a bag per latent) instead of ``embedding_bag``'s own backward, a scatter-add over
+  ``N * s`` rows (other devices keep that one).
 - :func:`select_linear`: ``z = x W^T + b`` (the one dense matmul of a TopK SAE step), then a selection rule
   picks ``s`` entries per row and only those are returned. Since every other entry of ``z`` gets zero
   gradient, the backward is sparse: ``dW = S^T x`` with ``S`` the (N, d_sae) gradient that has ``s`` nonzeros
-  per row (a sparse COO matmul), ``db`` a scatter-add, ``dx`` an ``embedding_bag`` over the rows of ``W``.
+  per row (the same transposed sparse sum as ``d W_dec``), ``db`` a scatter-add, ``dx`` an ``embedding_bag``
+  over the rows of ``W``.
   The dense ``(N, d_sae)`` gradient and its dense ``(d_sae, N) x (N, d)`` matmul of plain autograd never
   exist. Gao et al. 2024 (arXiv 2406.04093, Sec. 5 / App. D) describe the same sparsity of both
   directions for their GPU kernels.
@@ -24,14 +28,15 @@ matmul, and the encoder's backward is sparse too:
 
 Mixed precision: under autocast (bf16 / fp16) the forward matmul of :func:`select_linear` runs in the autocast
 dtype, so its ``values`` are bf16 / fp16; its backward always computes in the weight's dtype (float32) with
-autocast off (``torch.sparse.mm`` would otherwise run in bf16). :func:`sparse_decode` casts ``values`` to the
+autocast off. :func:`sparse_decode` casts ``values`` to the
 decoder's dtype (``embedding_bag`` needs ``per_sample_weights`` of the weight's dtype, and autocast does not
 cast it), so reconstructions are float32.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -50,19 +55,77 @@ def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tens
 
     Returns:
         (N, d) ``sum_j values[n, j] * W_dec[indices[n, j]]`` (no bias) in ``W_dec``'s dtype (``values`` of
-        another dtype, e.g. bf16 under autocast, are cast to it), differentiable in ``values`` and ``W_dec``.
+        another dtype, e.g. bf16 under autocast, are cast to it), differentiable in ``values``
+        (:func:`_sampled_dots`) and ``W_dec`` (:func:`_transposed_sum`).
     """
     if values.shape[1] == 0:
         return values.new_zeros(values.shape[0], W_dec.shape[1], dtype=W_dec.dtype)
-    return F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
+    return _decode(values.to(W_dec.dtype), indices, W_dec, None)
 
 
-def _rows_scatter(grad: torch.Tensor, indices: torch.Tensor, rows_in: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """``out[indices[n, j]] += grad[n, j] * rows_in[n]``: (num_rows, d), as the sparse matmul ``S^T rows_in``."""
-    n, s = indices.shape
-    coo = torch.stack([indices.reshape(-1), torch.arange(n, device=indices.device).repeat_interleave(s)])
-    sparse = torch.sparse_coo_tensor(coo, grad.reshape(-1), (num_rows, n), check_invariants=False)
-    return torch.sparse.mm(sparse, rows_in)
+def _decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor, offsets: torch.Tensor | None
+            ) -> torch.Tensor:
+    """``embedding_bag`` decode; on the CPU (where it was measured) with :class:`_SparseDecode`'s backward."""
+    if W_dec.device.type == "cpu":
+        return _SparseDecode.apply(values, indices, W_dec, offsets)
+    return F.embedding_bag(indices, W_dec, offsets, per_sample_weights=values, mode="sum")
+
+
+def _transposed_sum(weights: torch.Tensor, indices: torch.Tensor, rows_in: torch.Tensor, num_rows: int,
+                    rows: torch.Tensor | None = None) -> torch.Tensor:
+    """``S^T rows_in`` for the sparse (N, num_rows) matrix ``S`` with ``S[rows[e], indices[e]] = weights[e]``:
+    ``out[j] = sum_{e: indices[e] = j} weights[e] * rows_in[rows[e]]``, (num_rows, d) in ``rows_in``'s dtype.
+
+    ``weights`` and ``indices`` are (N, s) (entry ``e = n s + j`` lies in row ``n``; ``rows`` is ``None``), or
+    (nnz,) with their ``rows`` (nnz,). The entries are sorted by latent (a stable sort of the int64 ids) and
+    summed by one ``embedding_bag`` over ``rows_in`` with a bag per latent: each output row is written once, by
+    one thread, without a scatter-add or COO coalescing. Both weight gradients are such products: ``d W_enc =
+    S^T x`` with ``S`` the gradient of the kept pre-activations, ``d W_dec = F^T d x_hat`` with ``F`` the code.
+    """
+    ids, order = indices.reshape(-1).sort(stable=True)
+    starts = torch.searchsorted(ids, torch.arange(num_rows, device=ids.device))  # each latent's first entry; no sync
+    src = torch.div(order, indices.shape[1], rounding_mode="floor") if rows is None else rows[order]
+    return F.embedding_bag(src, rows_in, starts, per_sample_weights=weights.reshape(-1)[order].to(rows_in.dtype),
+                           mode="sum")
+
+
+def _sampled_dots(grad: torch.Tensor, weight: torch.Tensor, indices: torch.Tensor,
+                  offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[e] = grad[row(e)] . weight[indices[e]]``, shaped as ``indices`` ((N, s), or (nnz,) with the rows'
+    ``offsets`` (N,)): the gradient of ``embedding_bag``'s per-sample weights, as one sampled matmul
+    (``torch.sparse.sampled_addmm`` on the code's CSR pattern; nothing of size (N, num_rows) is formed)."""
+    n, nnz = len(grad), indices.numel()
+    if offsets is None:
+        crow = torch.arange(0, nnz + 1, max(indices.shape[1], 1), device=indices.device)
+    else:
+        crow = torch.cat([offsets, offsets.new_tensor([nnz])])
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(crow, indices.reshape(-1), grad.new_zeros(nnz), (n, len(weight)),
+                                          check_invariants=False)
+        return torch.sparse.sampled_addmm(pattern, grad, weight.t()).values().view(indices.shape)
+
+
+class _SparseDecode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values, indices, W_dec, offsets):
+        ctx.save_for_backward(values, indices, W_dec, offsets)
+        return F.embedding_bag(indices, W_dec, offsets, per_sample_weights=values, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad):
+        values, indices, W_dec, offsets = ctx.saved_tensors
+        grad = grad.contiguous().to(W_dec.dtype)
+        grad_values = grad_w = rows = None
+        with torch.autocast(W_dec.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                grad_values = _sampled_dots(grad, W_dec, indices, offsets)
+            if ctx.needs_input_grad[2]:
+                if offsets is not None:  # a ragged code: each entry's row from the row offsets
+                    counts = torch.diff(offsets, append=offsets.new_tensor([len(indices)]))
+                    rows = torch.repeat_interleave(torch.arange(len(offsets), device=offsets.device), counts)
+                grad_w = _transposed_sum(values, indices, grad, W_dec.shape[0], rows)
+        return grad_values, None, grad_w, None
 
 
 def _linear_backward(ctx, grad_values, x, weight, indices, rows=None, offsets=None):
@@ -75,23 +138,37 @@ def _linear_backward(ctx, grad_values, x, weight, indices, rows=None, offsets=No
         if ctx.needs_input_grad[0]:
             grad_x = F.embedding_bag(indices, weight, offsets, per_sample_weights=grad, mode="sum")
         if ctx.needs_input_grad[1]:
-            if rows is None:
-                grad_w = _rows_scatter(grad, indices, x, weight.shape[0])
-            else:
-                coo = torch.stack([indices, rows])
-                sparse = torch.sparse_coo_tensor(coo, grad, (weight.shape[0], len(x)), check_invariants=False)
-                grad_w = torch.sparse.mm(sparse, x)
+            grad_w = _transposed_sum(grad, indices, x, weight.shape[0], rows)
         if ctx.needs_input_grad[2]:
             grad_b = grad.new_zeros(weight.shape[0]).index_add_(0, indices.reshape(-1), grad.reshape(-1))
     return grad_x, grad_w, grad_b
+
+
+def _pre_act_blocks(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, chunk_rows: int
+                    ) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(start, z)`` for each block ``z = x[start : start + chunk_rows] W^T + b`` (chunk_rows, d_sae), in order.
+
+    Outside autocast every block is written into one buffer allocated once per call, so a block is valid only
+    until the next one is taken. On the CPU a fresh buffer of this size is page-faulted in at every allocation:
+    on 2 cores a (1024, 3072) float32 block costs 2.7 ms of faults on top of its 11.6 ms matmul, a reused one
+    does not. Under autocast each block is a fresh ``addmm`` in the autocast dtype (``out=`` would bypass it).
+    """
+    buf = None
+    if not torch.is_autocast_enabled(x.device.type) and x.dtype == weight.dtype == bias.dtype:
+        buf = x.new_empty(min(chunk_rows, len(x)), weight.shape[0])
+    for start in range(0, max(len(x), 1), chunk_rows):
+        block = x[start : start + chunk_rows]
+        if buf is None:
+            yield start, torch.addmm(bias, block, weight.t())
+        else:
+            yield start, torch.addmm(bias, block, weight.t(), out=buf[: len(block)])
 
 
 class _SelectLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, select, chunk_rows):
         values, indices = [], []
-        for start in range(0, max(len(x), 1), chunk_rows):  # z of one chunk at a time, selected while in cache
-            z = torch.addmm(bias, x[start : start + chunk_rows], weight.t())
+        for _, z in _pre_act_blocks(x, weight, bias, chunk_rows):  # one block at a time, selected while in cache
             chosen = select(z)
             values.append(z.gather(1, chosen))
             indices.append(chosen)
@@ -149,7 +226,7 @@ def attach_linear_grad_ragged(
         offsets: (N,) int64 start of each row's entries (:func:`ragged_offsets`).
 
     Returns:
-        a differentiable copy of ``values`` (nnz,); the backward is ``embedding_bag`` / sparse COO matmul /
+        a differentiable copy of ``values`` (nnz,); the backward is ``embedding_bag`` / transposed sparse sum /
         ``index_add`` over the ``nnz`` entries.
     """
     return _AttachLinearRagged.apply(x, weight, bias, values, indices, rows, offsets)
@@ -166,7 +243,7 @@ def ragged_decode(values: torch.Tensor, indices: torch.Tensor, offsets: torch.Te
     Returns:
         (N, d) in ``W_dec``'s dtype, differentiable in ``values`` and ``W_dec`` (rows without entries are 0).
     """
-    return F.embedding_bag(indices, W_dec, offsets, per_sample_weights=values.to(W_dec.dtype), mode="sum")
+    return _decode(values.to(W_dec.dtype), indices, W_dec, offsets)
 
 
 def attach_linear_grad(
@@ -214,8 +291,7 @@ def threshold_linear(
     """
     d_sae = weight.shape[0]
     rows, indices, values, sel_values, sel_indices = [], [], [], [], []
-    for start in range(0, max(len(x), 1), chunk_rows):
-        z = torch.addmm(bias, x[start : start + chunk_rows], weight.t())
+    for start, z in _pre_act_blocks(x, weight, bias, chunk_rows):
         flat = (z >= threshold).view(-1).nonzero().squeeze(1)
         rows.append(flat // d_sae + start)
         indices.append(flat % d_sae)
