@@ -403,10 +403,10 @@ class SparseAutoencoder(nn.Module):
 
     def dense_step_result(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], x_hat: torch.Tensor,
                           f: torch.Tensor) -> SAELoss:
-        """The :class:`SAELoss` of a dense step: ``f`` (N, d_sae) the dense code (firing where non-zero), or its
-        support as a bool map."""
-        fired = column_counts(f.detach())  # non-zero entries, or the bool map's True ones
-        return SAELoss(loss, terms, x_hat, fired, fired.sum().float() / max(len(f), 1))
+        """The :class:`SAELoss` of a dense step: ``f`` (N, d_sae) the dense code (firing where non-zero), or the
+        firing counts (d_sae,) int64 a fused step already took."""
+        fired = column_counts(f.detach()) if f.ndim == 2 else f
+        return SAELoss(loss, terms, x_hat, fired, fired.sum().float() / max(len(x_hat), 1))
 
     def dense_decode_n(self, f: torch.Tensor) -> torch.Tensor:
         """``x_hat_n = f W_dec + b_dec`` of a dense code ``f`` (N, d_sae) by one matmul, in float32 also under
@@ -550,8 +550,8 @@ class SupportStep:
                          dense: torch.Tensor | None, code: RaggedCode | None) -> SAELoss:
         """The threshold variants' loss: ``mse + w * coeff * penalty`` (``w``: :func:`warmup_scale` of the
         ``step`` buffer), plus ``pre_act_coeff * pre_act()`` (:meth:`dead_pre_act_loss`) when that is on; in
-        training it advances ``step``. ``dense``: the dense step's (N, d_sae) code or its bool support, else ``None``
-        and ``code`` the sparse step's entries. Logged terms: ``mse``, ``penalty_name``, ``pre_act``."""
+        training it advances ``step``. ``dense``: the dense step's (N, d_sae) code or its firing counts (d_sae,),
+        else ``None`` and ``code`` the sparse step's entries. Logged terms: ``mse``, ``penalty_name``, ``pre_act``."""
         mse = squared_error(x_n, x_hat)
         loss = mse + warmup_scale(self.step, warmup_steps) * coeff * penalty
         terms = {"mse": mse, penalty_name: penalty}

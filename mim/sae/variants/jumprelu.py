@@ -85,7 +85,8 @@ class _DenseJumpReLU(torch.autograd.Function):
 
     Inputs: ``x`` (N, d), ``W_enc`` (d_sae, d), ``b_enc`` (d_sae,), ``b_dec`` (d,), ``W_dec`` (d_sae, d),
     ``theta`` (d_sae,) > 0, ``eps`` (float). Returns ``x_hat`` (N, d), ``l0`` (scalar) and, without gradient,
-    the firing map ``z > theta`` (N, d_sae) bool and the support size ``#{z > theta - eps / 2}`` (int64 scalar).
+    the firing counts (d_sae,) int64 (:func:`column_counts` of ``z > theta``) and the support size
+    ``#{z > theta - eps / 2}`` (int64 scalar).
     """
 
     @staticmethod
@@ -99,15 +100,16 @@ class _DenseJumpReLU(torch.autograd.Function):
         rows, cols = rows[inside], cols[inside]
         f = z.masked_fill_(~above, 0.0)
         x_hat = torch.addmm(b_dec, f, W_dec)
-        l0 = column_counts(above).sum().to(x.dtype) / len(x)
+        fired = column_counts(above)
+        l0 = fired.sum().to(x.dtype) / len(x)
         ctx.save_for_backward(x_c, W_enc, W_dec, theta, f, rows, cols)
         ctx.eps = eps
-        ctx.mark_non_differentiable(above, support)
-        ctx.set_materialize_grads(False)  # no zero (N, d_sae) gradient for the firing map
-        return x_hat, l0, above, support
+        ctx.mark_non_differentiable(fired, support)
+        ctx.set_materialize_grads(False)  # an unused output gets None, not a zero map (handled in backward)
+        return x_hat, l0, fired, support
 
     @staticmethod
-    def backward(ctx, grad_x_hat, grad_l0, _grad_above, _grad_support):
+    def backward(ctx, grad_x_hat, grad_l0, _grad_fired, _grad_support):
         x_c, W_enc, W_dec, theta, f, rows, cols = ctx.saved_tensors
         eps, n = ctx.eps, len(x_c)
         if grad_x_hat is None:
@@ -203,7 +205,7 @@ class JumpReLUSAE(SupportStep, SparseAutoencoder):
         theta = self.log_threshold.float().exp()
         eps, dead = self.bandwidth, self.dead_latents()
         width = self.sparse_width()
-        dense = code = None  # the dense step's code (or its firing map), or the sparse step's entries
+        dense = code = None  # the dense step's code (or its firing counts), or the sparse step's entries
         if width is None and self.fused_dense_step(x_n):  # the dense step fused (_DenseJumpReLU)
             x_hat, l0, dense, support = _DenseJumpReLU.apply(
                 x_n, self.W_enc, self.b_enc, self.b_dec, self.W_dec, theta, eps)

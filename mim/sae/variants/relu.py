@@ -35,24 +35,24 @@ class _DenseReLUL1(torch.autograd.Function):
 
     Inputs: ``x`` (N, d), ``W_enc`` (d_sae, d), ``b_enc`` (d_sae,), ``b_dec`` (d,), ``W_dec`` (d_sae, d), ``norms``
     (d_sae,) (the decoder row norms, differentiable upstream), all of one float dtype. Returns ``x_hat`` (N, d),
-    ``l1`` (scalar) and, without gradient, the support ``f > 0`` (N, d_sae) bool.
+    ``l1`` (scalar) and, without gradient, the firing counts (d_sae,) int64 (:func:`column_counts` of ``f > 0``).
     """
 
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, W_dec, norms):
         x_c = x - b_dec
         f = torch.addmm(b_enc, x_c, W_enc.t()).relu_()
-        active = f > 0
+        fired = column_counts(f)
         f_sum = f.sum(0)
         x_hat = torch.addmm(b_dec, f, W_dec)
         l1 = f_sum.dot(norms) / len(x)
         ctx.save_for_backward(x_c, W_enc, W_dec, norms, f, f_sum)
-        ctx.mark_non_differentiable(active)
-        ctx.set_materialize_grads(False)  # no zero (N, d_sae) gradient for the support
-        return x_hat, l1, active
+        ctx.mark_non_differentiable(fired)
+        ctx.set_materialize_grads(False)  # an unused output gets None, not a zero map (handled in backward)
+        return x_hat, l1, fired
 
     @staticmethod
-    def backward(ctx, grad_x_hat, grad_l1, _grad_active):
+    def backward(ctx, grad_x_hat, grad_l1, _grad_fired):
         x_c, W_enc, W_dec, norms, f, f_sum = ctx.saved_tensors
         if grad_x_hat is None:
             grad_x_hat = x_c.new_zeros(x_c.shape)
@@ -126,10 +126,10 @@ class ReLUSAE(SupportStep, SparseAutoencoder):
         dead = self.dead_latents()
         norms = self.W_dec.norm(dim=1)
         width = self.sparse_width()
-        dense = code = None  # the dense step's code (or its support), or the sparse step's entries
+        dense = code = None  # the dense step's code (or its firing counts), or the sparse step's entries
         if width is None and self.fused_dense_step(x_n):  # the dense step fused (_DenseReLUL1)
             x_hat, l1, dense = _DenseReLUL1.apply(x_n, self.W_enc, self.b_enc, self.b_dec, self.W_dec, norms)
-            nnz, n_dead = host_ints(column_counts(dense).sum(), dead.sum())
+            nnz, n_dead = host_ints(dense.sum(), dead.sum())
             self.note_support(nnz / max(len(x_n), 1))
             self.last_fallback = False
         elif width is None:  # the dense step under autocast: autograd, the encoder matmul in the autocast dtype
