@@ -30,6 +30,7 @@ from mim.sae.kernels import (
     attach_linear_grad_ragged,
     ragged_decode,
     ragged_offsets,
+    row_argmax,
     select_linear,
     sparse_decode,
     threshold_linear,
@@ -316,6 +317,27 @@ def test_select_linear_blocks_equal_one_pass(sae_tokens):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         values, _ = select_linear(x, W, b, top, chunk_rows=16)
     assert values.dtype == torch.bfloat16
+
+
+def test_row_argmax_equals_argmax_with_ties_and_nans(sae_tokens):
+    """The two-level argmax returns torch's first maximum: on real pre-activations, with the maximum repeated
+    inside one block and across blocks, with NaNs and all -inf rows, and through the fallbacks (a width that is
+    not a multiple of the block, non-contiguous rows)."""
+    x, _ = sae_tokens
+    gen = torch.Generator().manual_seed(3)
+    z = x[:300] @ torch.randn(x.shape[1], 384, generator=gen)
+    z[:40] = z[:40].round()  # many exact ties in and across the 64-wide blocks
+    z[40, 200] = z[40, 7] = z[40, 5] = z[40].max() + 1  # first maximum in block 0, not the block's first entry
+    z[41, 130] = z[41, 300] = z[41].max() + 1
+    z[42, 250] = z[42, 100] = float("nan")
+    z[43] = float("-inf")
+    z[44, 383] = z[44].max() + 1  # the last entry
+    for block in (64, 32, 128):
+        got = row_argmax(z, block)
+        assert torch.equal(got, z.argmax(1)), block
+    assert row_argmax(z, 64)[40:45].tolist() == [5, 130, 100, 0, 383]
+    assert torch.equal(row_argmax(z[:, :380]), z[:, :380].argmax(1))  # 380 is not a multiple of 64
+    assert torch.equal(row_argmax(z.t().contiguous().t()), z.argmax(1))  # column-major rows
 
 
 def test_auxk_is_zero_without_dead_latents_and_revives_them(sae_tokens):

@@ -217,6 +217,28 @@ def test_archetypal_candidates_need_enough_sample_tokens(sae_tokens):
     assert torch.isfinite(sae.W_dec).all()
 
 
+def test_archetypal_projection_after_the_optimizer_step():
+    """``normalize_decoder_`` maps ``A`` to ReLU(A) with unit row sums (a row with no positive entry to uniform) and
+    clips each relaxation row to norm ``delta``, leaving shorter rows alone."""
+    sae = ArchetypalSAE(8, 6, k=2, n_candidates=5, delta=0.1)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        sae.mixing.copy_(torch.randn(6, 5, generator=gen))
+        sae.mixing[2] = -torch.rand(5, generator=gen)  # nothing positive left after the ReLU
+        sae.mixing[4] = 0.0
+        sae.relaxation.copy_(torch.randn(6, 8, generator=gen))
+        sae.relaxation[1] *= 0.01 / sae.relaxation[1].norm()  # inside the ball: kept as it is
+    want = sae.mixing.detach().clamp_min(0)
+    want = want / want.sum(1, keepdim=True)
+    want[2] = want[4] = 0.2
+    short = sae.relaxation.detach()[1].clone()
+    sae.normalize_decoder_()
+    torch.testing.assert_close(sae.mixing.detach(), want, rtol=0, atol=1e-7)
+    norms = sae.relaxation.detach().norm(dim=1)
+    torch.testing.assert_close(norms[[0, 2, 3, 4, 5]], torch.full((5,), 0.1))
+    assert torch.equal(sae.relaxation.detach()[1], short)
+
+
 # ------------------------------------------------------------------------------------------------------ bad input
 BAD = [
     (lambda: MSAE(16, 64, ks=[8, 4, 16]), "ks", "increase strictly within [1, d_sae=64]"),

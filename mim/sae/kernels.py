@@ -22,6 +22,9 @@ matmul, and the encoder's backward is sparse too:
   that needs the whole batch, like BatchTopK's), so the backward runs over the finally kept entries only.
 - :func:`threshold_linear`: every entry of ``z`` at or above a threshold, blockwise and without autograd, as a
   ragged set (a candidate pool for a selection over the whole batch whose cut is known approximately).
+- :func:`row_argmax`: ``x.argmax(1)`` as the argmax of block maxima, then inside the winning block (the
+  vectorised ``amax`` carries the pass over every entry; a row argmax over thousands of latents is not
+  vectorised on the CPU).
 - Ragged codes (:func:`attach_linear_grad_ragged`, :func:`ragged_decode`): entries ``(rows, indices, values)``
   with each row's own count (``embedding_bag`` offsets), for codes whose rows differ widely in size (BatchTopK,
   ReLU, JumpReLU): work in proportion to the entries, not to ``N`` times the widest row.
@@ -326,12 +329,30 @@ def select_linear(
     return _SelectLinear.apply(x, weight, bias, select, chunk_rows)
 
 
+def row_argmax(x: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """``x.argmax(1)`` of a 2-D tensor ``x`` (N, M): (N,) int64, equal to it everywhere, ties (the first maximum)
+    and NaNs (the first NaN) included.
+
+    On the CPU, for contiguous rows with ``M`` a multiple of ``block`` above it, computed in two levels: the
+    per-block maxima ``amax`` (vectorised), their argmax (the first block holding the row's maximum), and the
+    argmax inside that block. ``Tensor.argmax`` over a row is a scalar loop on the CPU: at (1024, 3072) float32
+    on 2 cores 2.2 ms against 0.47 ms (``block`` 64). Elsewhere ``x.argmax(1)`` itself.
+    """
+    n, m = x.shape
+    if x.device.type != "cpu" or m % block or m <= block or not x.is_contiguous():
+        return x.argmax(1)
+    blocks = x.view(n, m // block, block)
+    best = blocks.amax(2).argmax(1)
+    return best * block + blocks[torch.arange(n, device=x.device), best].argmax(1)
+
+
 __all__ = [
     "Selector",
     "attach_linear_grad",
     "attach_linear_grad_ragged",
     "ragged_decode",
     "ragged_offsets",
+    "row_argmax",
     "select_linear",
     "sparse_decode",
     "threshold_linear",

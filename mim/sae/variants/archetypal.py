@@ -197,8 +197,7 @@ class ArchetypalSAE(SparseAutoencoder):
         step; the training loop calls it there)."""
         mixing = self.mixing.clamp_min_(0)
         sums = mixing.sum(1, keepdim=True)
-        empty = sums.squeeze(1) <= 0
-        mixing.div_(sums.clamp_min(1e-30))
-        mixing[empty] = 1.0 / self.n_candidates
+        empty = sums <= 0  # all-zero rows: 0 * 0 + 1/n, the others: A_j / sum + 0, in one pass over A
+        torch.addcmul(empty / self.n_candidates, mixing, sums.reciprocal().masked_fill_(empty, 0), out=mixing)
         norms = self.relaxation.norm(dim=1, keepdim=True)
         self.relaxation.mul_((self.delta / norms.clamp_min(1e-30)).clamp(max=1.0))
