@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 
 import pytest
 import torch
@@ -301,8 +302,10 @@ def test_fused_dense_steps_equal_autograd(name, x_n_raw, monkeypatch):
     """The dense step's fused Function (``_DenseReLUL1`` / ``_DenseJumpReLU``) against the dense reference: at
     JumpReLU bandwidth 0.5 (thousands of entries in eq. 11/12's window), with the warm-up part-way; the support
     count the next step's width follows, the firing counts and l0 equal; the input's own gradient (features that
-    require grad: ``dz W_enc``) equal too; under autocast the dense step is plain autograd instead."""
+    require grad: ``dz W_enc``) equal too; under autocast the dense step is plain autograd instead. The backward's
+    row blocks are set to 200 rows, so the 512 tokens take three blocks, the last one short."""
     fused = _DenseReLUL1 if name == "ReLUSAE" else _DenseJumpReLU
+    monkeypatch.setattr(sys.modules[fused.__module__], "_BACKWARD_ROWS", 200)
     calls = []
     original = fused.forward
     monkeypatch.setattr(fused, "forward", staticmethod(lambda ctx, *a: calls.append(1) or original(ctx, *a)))

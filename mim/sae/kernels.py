@@ -59,7 +59,7 @@ def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tens
     Returns:
         (N, d) ``sum_j values[n, j] * W_dec[indices[n, j]]`` (no bias) in ``W_dec``'s dtype (``values`` of
         another dtype, e.g. bf16 under autocast, are cast to it), differentiable in ``values``
-        (:func:`_sampled_dots`) and ``W_dec`` (:func:`_transposed_sum`).
+        (:func:`sampled_dots`) and ``W_dec`` (:func:`_transposed_sum`).
     """
     if values.shape[1] == 0:
         return values.new_zeros(values.shape[0], W_dec.shape[1], dtype=W_dec.dtype)
@@ -92,8 +92,8 @@ def _transposed_sum(weights: torch.Tensor, indices: torch.Tensor, rows_in: torch
                            mode="sum")
 
 
-def _sampled_dots(grad: torch.Tensor, weight: torch.Tensor, indices: torch.Tensor,
-                  offsets: torch.Tensor | None = None) -> torch.Tensor:
+def sampled_dots(grad: torch.Tensor, weight: torch.Tensor, indices: torch.Tensor,
+                 offsets: torch.Tensor | None = None) -> torch.Tensor:
     """``out[e] = grad[row(e)] . weight[indices[e]]``, shaped as ``indices`` ((N, s), or (nnz,) with the rows'
     ``offsets`` (N,)): the gradient of ``embedding_bag``'s per-sample weights, as one sampled matmul
     (``torch.sparse.sampled_addmm`` on the code's CSR pattern; nothing of size (N, num_rows) is formed)."""
@@ -122,7 +122,7 @@ class _SparseDecode(torch.autograd.Function):
         grad_values = grad_w = rows = None
         with torch.autocast(W_dec.device.type, enabled=False):
             if ctx.needs_input_grad[0]:
-                grad_values = _sampled_dots(grad, W_dec, indices, offsets)
+                grad_values = sampled_dots(grad, W_dec, indices, offsets)
             if ctx.needs_input_grad[2]:
                 if offsets is not None:  # a ragged code: each entry's row from the row offsets
                     counts = torch.diff(offsets, append=offsets.new_tensor([len(indices)]))
@@ -147,9 +147,11 @@ def _linear_backward(ctx, grad_values, x, weight, indices, rows=None, offsets=No
     return grad_x, grad_w, grad_b
 
 
-def _pre_act_blocks(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, chunk_rows: int
-                    ) -> Iterator[tuple[int, torch.Tensor]]:
-    """``(start, z)`` for each block ``z = x[start : start + chunk_rows] W^T + b`` (chunk_rows, d_sae), in order.
+def linear_blocks(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, chunk_rows: int
+                  ) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(start, z)`` for each block ``z = x[start : start + chunk_rows] W^T + b`` (chunk_rows, d_sae), in order
+    (the pre-activations of the encoder, or a dense step's ``dx_hat W_dec^T (+ c)`` in its backward); ``bias``
+    ``None``: no bias.
 
     Outside autocast every block is written into one buffer allocated once per call, so a block is valid only
     until the next one is taken. On the CPU a fresh buffer of this size is page-faulted in at every allocation:
@@ -157,21 +159,23 @@ def _pre_act_blocks(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, c
     does not. Under autocast each block is a fresh ``addmm`` in the autocast dtype (``out=`` would bypass it).
     """
     buf = None
-    if not torch.is_autocast_enabled(x.device.type) and x.dtype == weight.dtype == bias.dtype:
+    if not torch.is_autocast_enabled(x.device.type) and x.dtype == weight.dtype and (
+            bias is None or bias.dtype == x.dtype):
         buf = x.new_empty(min(chunk_rows, len(x)), weight.shape[0])
     for start in range(0, max(len(x), 1), chunk_rows):
         block = x[start : start + chunk_rows]
-        if buf is None:
-            yield start, torch.addmm(bias, block, weight.t())
+        out = None if buf is None else buf[: len(block)]
+        if bias is None:
+            yield start, torch.mm(block, weight.t(), out=out)
         else:
-            yield start, torch.addmm(bias, block, weight.t(), out=buf[: len(block)])
+            yield start, torch.addmm(bias, block, weight.t(), out=out)
 
 
 class _SelectLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, select, chunk_rows):
         values, indices = [], []
-        for _, z in _pre_act_blocks(x, weight, bias, chunk_rows):  # one block at a time, selected while in cache
+        for _, z in linear_blocks(x, weight, bias, chunk_rows):  # one block at a time, selected while in cache
             chosen = select(z)
             values.append(z.gather(1, chosen))
             indices.append(chosen)
@@ -294,7 +298,7 @@ def threshold_linear(
     """
     d_sae = weight.shape[0]
     rows, indices, values, sel_values, sel_indices = [], [], [], [], []
-    for start, z in _pre_act_blocks(x, weight, bias, chunk_rows):
+    for start, z in linear_blocks(x, weight, bias, chunk_rows):
         flat = (z >= threshold).view(-1).nonzero().squeeze(1)
         rows.append(flat // d_sae + start)
         indices.append(flat % d_sae)
@@ -350,9 +354,11 @@ __all__ = [
     "Selector",
     "attach_linear_grad",
     "attach_linear_grad_ragged",
+    "linear_blocks",
     "ragged_decode",
     "ragged_offsets",
     "row_argmax",
+    "sampled_dots",
     "select_linear",
     "sparse_decode",
     "threshold_linear",
