@@ -100,13 +100,15 @@ class _DenseJumpReLU(torch.autograd.Function):
         x_c = x - b_dec
         z = torch.addmm(b_enc, x_c, W_enc.t())
         above = z > theta
-        support = column_counts(z > theta - eps / 2).sum()
+        fired = column_counts(above)
         rows, cols = ((z > theta - eps) & (z < theta + eps)).nonzero(as_tuple=True)  # the kernels' candidates
-        inside = _rectangle((z[rows, cols] - theta[cols]) / eps).bool()
+        z_w, theta_w = z[rows, cols], theta[cols]
+        # #{z > theta - eps / 2}: the entries above theta, and those below it, which all lie in the candidates
+        support = fired.sum() + ((z_w > theta_w - eps / 2) & (z_w <= theta_w)).sum()
+        inside = _rectangle((z_w - theta_w) / eps).bool()
         rows, cols = rows[inside], cols[inside]
         f = z.masked_fill_(~above, 0.0)
         x_hat = torch.addmm(b_dec, f, W_dec)
-        fired = column_counts(above)
         l0 = fired.sum().to(x.dtype) / len(x)
         ctx.save_for_backward(x_c, W_enc, W_dec, theta, f, rows, cols)
         ctx.eps = eps
