@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from mim.errors import ConfigError
 from mim.features import FeatureStore
 from mim.sae import VARIANTS, BatchTopKSAE, JumpReLUSAE, MatryoshkaSAE, ReLUSAE
+from mim.sae.variants import base
 from mim.sae.variants.base import batch_variance
 from mim.sae.variants.jumprelu import _DenseJumpReLU
 from mim.sae.variants.relu import _DenseReLUL1
@@ -305,7 +305,7 @@ def test_fused_dense_steps_equal_autograd(name, x_n_raw, monkeypatch):
     require grad: ``dz W_enc``) equal too; under autocast the dense step is plain autograd instead. The backward's
     row blocks are set to 200 rows, so the 512 tokens take three blocks, the last one short."""
     fused = _DenseReLUL1 if name == "ReLUSAE" else _DenseJumpReLU
-    monkeypatch.setattr(sys.modules[fused.__module__], "_BACKWARD_ROWS", 200)
+    monkeypatch.setattr(base, "DENSE_BACKWARD_ROWS", 200)
     calls = []
     original = fused.forward
     monkeypatch.setattr(fused, "forward", staticmethod(lambda ctx, *a: calls.append(original(ctx, *a)) or calls[-1]))

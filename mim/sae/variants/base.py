@@ -18,11 +18,15 @@ from mim.sae.kernels import (
     Selector,
     attach_linear_grad,
     attach_linear_grad_ragged,
+    linear_blocks,
     ragged_decode,
     ragged_offsets,
     select_linear,
     sparse_decode,
 )
+
+#: rows per block of a fused dense step's backward (:func:`dense_encoder_grads`)
+DENSE_BACKWARD_ROWS = 1024
 
 
 class SparseCode(NamedTuple):
@@ -194,6 +198,29 @@ def zero_where_inactive_(grad: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     ``masked_fill_`` takes 26 ms and ``mul_`` by the bool map first casts it to a fresh float map.
     """
     return torch.ops.aten.threshold_backward.grad_input(grad, f, 0.0, grad_input=grad)
+
+
+def dense_encoder_grads(grad_x_hat: torch.Tensor, W_dec: torch.Tensor, bias: torch.Tensor | None, f: torch.Tensor,
+                        x_c: torch.Tensor, W_enc: torch.Tensor, need_x: bool, need_W_enc: bool
+                        ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """The encoder's gradients in a fused dense step's backward (ReLU + L1, JumpReLU), from
+    ``dz = (dx_hat W_dec^T + bias) * (f > 0)`` (N, d_sae) with ``f >= 0`` the step's code: ``(dx, dW_enc, db_enc)``,
+    ``dx = dz W_enc`` (N, d) only if ``need_x``, ``dW_enc = dz^T x_c`` (d_sae, d) only if ``need_W_enc``, else
+    ``None``. ``dz`` is made :data:`DENSE_BACKWARD_ROWS` rows at a time through one reused buffer
+    (:func:`~mim.sae.kernels.linear_blocks`), masked in place (:func:`zero_where_inactive_`) and added into
+    ``dW_enc``: on the CPU a fresh (N, d_sae) map is page-faulted in at every step. ``grad_x_hat`` contiguous."""
+    grad_x = x_c.new_empty(x_c.shape) if need_x else None
+    grad_W_enc = W_enc.new_zeros(W_enc.shape) if need_W_enc else None
+    grad_b_enc = W_enc.new_zeros(W_enc.shape[0])
+    for start, block in linear_blocks(grad_x_hat, W_dec, bias, DENSE_BACKWARD_ROWS):
+        stop = start + len(block)
+        grad_z = zero_where_inactive_(block, f[start:stop])
+        grad_b_enc += grad_z.sum(0)
+        if need_x:
+            torch.mm(grad_z, W_enc, out=grad_x[start:stop])
+        if need_W_enc:
+            grad_W_enc.addmm_(grad_z.t(), x_c[start:stop])
+    return grad_x, grad_W_enc, grad_b_enc
 
 
 def threshold_code(z: torch.Tensor, threshold: torch.Tensor | float) -> SparseCode:

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from mim.sae.kernels import linear_blocks, ragged_offsets, sampled_dots
+from mim.sae.kernels import ragged_offsets, sampled_dots
 from mim.sae.variants.base import (
     SAELoss,
     SparseAutoencoder,
@@ -18,9 +18,9 @@ from mim.sae.variants.base import (
     _check_non_negative,
     _check_positive,
     column_counts,
+    dense_encoder_grads,
     host_ints,
     threshold_code,
-    zero_where_inactive_,
 )
 
 
@@ -70,10 +70,6 @@ class _Step(torch.autograd.Function):
         return None, grad_theta, None
 
 
-#: rows per block of the dense backward's ``dz`` (one reused (rows, d_sae) buffer instead of a fresh (N, d_sae) map)
-_BACKWARD_ROWS = 1024
-
-
 class _DenseJumpReLU(torch.autograd.Function):
     """The dense JumpReLU step, fused: ``z = (x - b_dec) W_enc^T + b_enc``, ``f = z H(z - theta)``,
     ``x_hat = f W_dec + b_dec`` and ``l0 = E_n sum_i H(z_ni - theta_i)``, with the gradients of
@@ -85,9 +81,8 @@ class _DenseJumpReLU(torch.autograd.Function):
     ``|z - theta| < eps / 2`` is found in the forward as a list of entries (``u = (z - theta) / eps`` evaluated
     on the entries within ``eps`` of ``theta`` exactly as :func:`_rectangle` does, so the same entries); the
     backward takes the thresholds' gradient from ``df = dx_hat W_dec^T`` at the window's entries only (sampled
-    dots), then makes ``df`` in 1024-row blocks through one reused buffer (:func:`~mim.sae.kernels.linear_blocks`;
-    a fresh (N, d_sae) map is page-faulted in at every step on the CPU), masks each in place to ``dz`` and adds
-    it to ``dW_enc`` (and, only if ``x`` needs it, writes its rows of ``dx``); then ``dW_dec``.
+    dots), then makes ``df`` in row blocks through one reused buffer, masked to ``dz``, into ``dW_enc`` (and, only
+    if ``x`` needs it, ``dx``) (:func:`~mim.sae.variants.base.dense_encoder_grads`); then ``dW_dec``.
 
     Inputs: ``x`` (N, d), ``W_enc`` (d_sae, d), ``b_enc`` (d_sae,), ``b_dec`` (d,), ``W_dec`` (d_sae, d),
     ``theta`` (d_sae,) > 0, ``eps`` (float). Returns ``x_hat`` (N, d), ``l0`` (scalar) and, without gradient,
@@ -130,18 +125,9 @@ class _DenseJumpReLU(torch.autograd.Function):
             if grad_l0 is not None:
                 per_entry = per_entry + grad_l0 / n * -(1.0 / eps)
             grad_theta = theta.new_zeros(theta.shape).index_add_(0, cols, per_entry)
-        need_x, need_W_enc = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_x = x_c.new_empty(x_c.shape) if need_x else None
-        grad_W_enc = W_enc.new_zeros(W_enc.shape) if need_W_enc else None
-        grad_b_enc = W_enc.new_zeros(W_enc.shape[0])
-        for start, block in linear_blocks(grad_x_hat, W_dec, None, _BACKWARD_ROWS):  # df, a block at a time
-            stop = start + len(block)
-            grad_z = zero_where_inactive_(block, f[start:stop])  # d f / d z = H(z - theta): f > 0 exactly there
-            grad_b_enc += grad_z.sum(0)
-            if need_x:
-                torch.mm(grad_z, W_enc, out=grad_x[start:stop])
-            if need_W_enc:
-                grad_W_enc.addmm_(grad_z.t(), x_c[start:stop])
+        # d f / d z = H(z - theta): f > 0 exactly there (theta > 0)
+        grad_x, grad_W_enc, grad_b_enc = dense_encoder_grads(grad_x_hat, W_dec, None, f, x_c, W_enc,
+                                                             ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         grad_W_dec = f.t() @ grad_x_hat if ctx.needs_input_grad[4] else None
         grad_b_dec = grad_x_hat.sum(0) - grad_b_enc @ W_enc if ctx.needs_input_grad[3] else None
         return (grad_x, grad_W_enc, grad_b_enc if ctx.needs_input_grad[2] else None, grad_b_dec, grad_W_dec,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mim.sae.kernels import linear_blocks
 from mim.sae.variants.base import (
     SAELoss,
     SparseAutoencoder,
@@ -16,13 +15,10 @@ from mim.sae.variants.base import (
     _check_non_negative,
     _check_positive,
     column_counts,
+    dense_encoder_grads,
     host_ints,
     threshold_code,
-    zero_where_inactive_,
 )
-
-#: rows per block of the dense backward's ``dz`` (one reused (rows, d_sae) buffer instead of a fresh (N, d_sae) map)
-_BACKWARD_ROWS = 1024
 
 
 class _DenseReLUL1(torch.autograd.Function):
@@ -33,11 +29,9 @@ class _DenseReLUL1(torch.autograd.Function):
     L1 gradient's broadcast, ``relu``'s backward) and computes ``d (x - b_dec) = dz W_enc``, a third
     (N, d_sae) x (d_sae, d) matmul of the backward, although only ``b_dec`` needs it: its gradient is
     ``-(sum_n dz_n) W_enc``, a vector-matrix product. Here the forward makes one (N, d_sae) map (``f``, ReLU in
-    place) and the backward none: ``dz = (dx_hat W_dec^T + dl1 / N * norms) * (f > 0)`` goes in 1024-row blocks
-    through one reused buffer (:func:`~mim.sae.kernels.linear_blocks`, the mask in place:
-    :func:`zero_where_inactive_`), each block adding to ``dW_enc = dz^T (x - b_dec)`` and, only if ``x`` needs a
-    gradient, writing its rows of ``dz W_enc``; then ``dW_dec = f^T dx_hat``. On the CPU a fresh (N, d_sae) map
-    is page-faulted in at every step.
+    place) and the backward none: ``dz = (dx_hat W_dec^T + dl1 / N * norms) * (f > 0)`` goes in row blocks through
+    one reused buffer into ``dW_enc = dz^T (x - b_dec)`` and, only if ``x`` needs a gradient, ``dz W_enc``
+    (:func:`dense_encoder_grads`); then ``dW_dec = f^T dx_hat``.
 
     Inputs: ``x`` (N, d), ``W_enc`` (d_sae, d), ``b_enc`` (d_sae,), ``b_dec`` (d,), ``W_dec`` (d_sae, d), ``norms``
     (d_sae,) (the decoder row norms, differentiable upstream), all of one float dtype. Returns ``x_hat`` (N, d),
@@ -64,18 +58,8 @@ class _DenseReLUL1(torch.autograd.Function):
             grad_x_hat = x_c.new_zeros(x_c.shape)
         grad_x_hat = grad_x_hat.contiguous()
         scale = (grad_l1 if grad_l1 is not None else x_c.new_zeros(())) / len(x_c)
-        need_x, need_W_enc = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_x = x_c.new_empty(x_c.shape) if need_x else None
-        grad_W_enc = W_enc.new_zeros(W_enc.shape) if need_W_enc else None
-        grad_b_enc = W_enc.new_zeros(W_enc.shape[0])
-        for start, block in linear_blocks(grad_x_hat, W_dec, norms * scale, _BACKWARD_ROWS):  # dz, a block at a time
-            stop = start + len(block)
-            grad_z = zero_where_inactive_(block, f[start:stop])
-            grad_b_enc += grad_z.sum(0)
-            if need_x:
-                torch.mm(grad_z, W_enc, out=grad_x[start:stop])
-            if need_W_enc:
-                grad_W_enc.addmm_(grad_z.t(), x_c[start:stop])
+        grad_x, grad_W_enc, grad_b_enc = dense_encoder_grads(grad_x_hat, W_dec, norms * scale, f, x_c, W_enc,
+                                                             ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         grad_W_dec = f.t() @ grad_x_hat if ctx.needs_input_grad[4] else None
         grad_b_dec = grad_x_hat.sum(0) - grad_b_enc @ W_enc if ctx.needs_input_grad[3] else None
         grad_norms = f_sum * scale if ctx.needs_input_grad[5] else None
