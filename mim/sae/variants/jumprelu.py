@@ -96,15 +96,16 @@ class _DenseJumpReLU(torch.autograd.Function):
         z = torch.addmm(b_enc, x_c, W_enc.t())
         above = z > theta
         fired = column_counts(above)
+        n_fired = fired.sum()
         rows, cols = ((z > theta - eps) & (z < theta + eps)).nonzero(as_tuple=True)  # the kernels' candidates
         z_w, theta_w = z[rows, cols], theta[cols]
         # #{z > theta - eps / 2}: the entries above theta, and those below it, which all lie in the candidates
-        support = fired.sum() + ((z_w > theta_w - eps / 2) & (z_w <= theta_w)).sum()
+        support = n_fired + ((z_w > theta_w - eps / 2) & (z_w <= theta_w)).sum()
         inside = _rectangle((z_w - theta_w) / eps).bool()
         rows, cols = rows[inside], cols[inside]
         f = z.masked_fill_(~above, 0.0)
         x_hat = torch.addmm(b_dec, f, W_dec)
-        l0 = fired.sum().to(x.dtype) / len(x)
+        l0 = n_fired.to(x.dtype) / len(x)
         ctx.save_for_backward(x_c, W_enc, W_dec, theta, f, rows, cols)
         ctx.eps = eps
         ctx.mark_non_differentiable(fired, support)
