@@ -233,7 +233,7 @@ def test_sparse_kernels_equal_dense_autograd(sae_tokens):
     x_n = sae.normalize(x[:300])
     params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
     # sparse: select_linear + embedding_bag decode
-    values, indices = select_linear(x_n - sae.b_dec, sae.W_enc, sae.b_enc, lambda z: z.topk(K).indices)
+    values, indices = select_linear(x_n, sae.W_enc, sae.b_enc, lambda z: z.topk(K).indices, center=sae.b_dec)
     sparse = sparse_decode(F.relu(values), indices, sae.W_dec) + sae.b_dec
     loss = sparse.pow(2).sum() + values.sum()
     grads_sparse = torch.autograd.grad(loss, params)
@@ -295,6 +295,19 @@ def test_decode_and_attach_backwards_equal_dense_float64(sae_tokens):
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     for name, a, e in zip(["x", "W", "b"], got, want):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12, msg=name)
+
+    # with a centre (an SAE's b_dec): its gradient -(db) W without the input's, and -sum(dx) beside it
+    c = torch.randn(x.shape[1], generator=gen, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        z = F.linear(x - c, W, b)
+    for inp in (x, xg):
+        pre = attach_linear_grad_ragged(inp, W, b, z[rows, cols], cols, rows, offsets, center=c)
+        zr = F.linear(inp - c, W, b)
+        wrt = (W, b, c) + ((xg,) if inp is xg else ())
+        got = torch.autograd.grad((pre * pre.detach().cos()).sum(), wrt)
+        want = torch.autograd.grad((zr[rows, cols] * zr[rows, cols].detach().cos()).sum(), wrt)
+        for name, a, e in zip(["W", "b", "center", "x"], got, want):
+            torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12, msg=name)
 
 
 def test_select_linear_blocks_equal_one_pass(sae_tokens):

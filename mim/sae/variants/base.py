@@ -133,8 +133,10 @@ def geometric_median(points: torch.Tensor, iterations: int = 50, eps: float = 1e
 
 
 def squared_error(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """``E ||x - x_hat||^2`` over a batch (N, d): squared error summed over dimensions, mean over rows."""
-    return (x_hat - x).pow(2).sum(-1).mean()
+    """``E ||x - x_hat||^2`` over a batch (N, d): squared error summed over dimensions, mean over rows (one fused
+    ``mse_loss`` pass each way: a chain of elementwise ops cost 1.6 ms more, forward and backward, at (4096, 192)
+    on 2 CPU cores)."""
+    return F.mse_loss(x_hat, x.to(x_hat.dtype), reduction="sum") / x.shape[0]
 
 
 def batch_variance(x: torch.Tensor) -> torch.Tensor:
@@ -376,29 +378,30 @@ class SparseAutoencoder(nn.Module):
         sparse backward (:func:`~mim.sae.kernels.select_linear`): ``values`` (N, s) and ``indices`` (N, s) int64.
         With ``fp32`` autocast is off and ``values`` are float32 (as :meth:`pre_acts`)."""
         if not fp32:
-            return select_linear(x_n - self.b_dec, self.W_enc, self.b_enc, select)
+            return select_linear(x_n, self.W_enc, self.b_enc, select, center=self.b_dec)
         with _without_autocast(x_n.device):
-            return select_linear(x_n.float() - self.b_dec.float(), self.W_enc.float(), self.b_enc.float(), select)
+            return select_linear(x_n.float(), self.W_enc.float(), self.b_enc.float(), select,
+                                 center=self.b_dec.float())
 
     def attach_pre_acts(self, x_n: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
                         fp32: bool = False) -> torch.Tensor:
         """``values`` (N, s) = ``z.gather(1, indices)`` from a no-grad :meth:`select_pre_acts`, made differentiable
         with the sparse backward over these entries only (:func:`~mim.sae.kernels.attach_linear_grad`)."""
         if not fp32:
-            return attach_linear_grad(x_n - self.b_dec, self.W_enc, self.b_enc, values, indices)
+            return attach_linear_grad(x_n, self.W_enc, self.b_enc, values, indices, center=self.b_dec)
         with _without_autocast(x_n.device):
-            return attach_linear_grad(x_n.float() - self.b_dec.float(), self.W_enc.float(), self.b_enc.float(),
-                                      values, indices)
+            return attach_linear_grad(x_n.float(), self.W_enc.float(), self.b_enc.float(), values, indices,
+                                      center=self.b_dec.float())
 
     def attach_ragged(self, x_n: torch.Tensor, code: RaggedCode, fp32: bool = False) -> torch.Tensor:
         """The (nnz,) pre-activations ``code.values`` (computed without autograd) made differentiable with the
         sparse backward over the code's entries (:func:`~mim.sae.kernels.attach_linear_grad_ragged`)."""
         args = (code.values, code.indices, code.rows, code.offsets)
         if not fp32:
-            return attach_linear_grad_ragged(x_n - self.b_dec, self.W_enc, self.b_enc, *args)
+            return attach_linear_grad_ragged(x_n, self.W_enc, self.b_enc, *args, center=self.b_dec)
         with _without_autocast(x_n.device):
-            return attach_linear_grad_ragged(x_n.float() - self.b_dec.float(), self.W_enc.float(),
-                                             self.b_enc.float(), *args)
+            return attach_linear_grad_ragged(x_n.float(), self.W_enc.float(), self.b_enc.float(), *args,
+                                             center=self.b_dec.float())
 
     def code(self, x_n: torch.Tensor) -> SparseCode:
         """The inference code of normalised inputs ``x_n`` (N, d_model)."""

@@ -78,12 +78,12 @@ class _ChoiceSAE(SparseAutoencoder):
         once, in float32 (also under autocast) and without autograd; the backward touches only the P pairs
         (:func:`~mim.sae.kernels.attach_linear_grad_ragged`). Updates the inference threshold in training."""
         with _without_autocast(x_n.device):
-            centred = x_n.float() - self.b_dec
             with torch.no_grad():
-                z = F.linear(centred, self.W_enc, self.b_enc)
+                z = F.linear(x_n.float() - self.b_dec, self.W_enc, self.b_enc)
                 rows, cols = (self.keep(z) & (z > 0)).nonzero(as_tuple=True)
                 offsets = torch.searchsorted(rows, torch.arange(len(z), device=z.device))
-            values = attach_linear_grad_ragged(centred, self.W_enc, self.b_enc, z[rows, cols], cols, rows, offsets)
+            values = attach_linear_grad_ragged(x_n.float(), self.W_enc, self.b_enc, z[rows, cols], cols, rows, offsets,
+                                               center=self.b_dec)
         if self.training:
             self._update_threshold(cols, values.detach())
         return rows, cols, offsets, values
@@ -131,8 +131,8 @@ class _ChoiceSAE(SparseAutoencoder):
     # ---------------------------------------------------------------------------------------------- inference
     def _topk_code(self, x_n: torch.Tensor) -> SparseCode:
         """Per-token TopK (``ReLU(TopK_k(z))``): the inference code until a training step set a threshold."""
-        values, indices = select_linear(x_n - self.b_dec, self.W_enc, self.b_enc,
-                                        lambda z: z.topk(self.k, dim=1, sorted=False).indices)
+        values, indices = select_linear(x_n, self.W_enc, self.b_enc,
+                                        lambda z: z.topk(self.k, dim=1, sorted=False).indices, center=self.b_dec)
         return SparseCode(F.relu(values), indices)
 
     def _ema(self, old: torch.Tensor, new: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:

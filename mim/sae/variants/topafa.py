@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mim.sae.kernels import Selector
+from mim.sae.kernels import Selector, select_entries
 from mim.sae.variants.base import (
     SAELoss,
     SparseCode,
@@ -47,11 +47,11 @@ class TopAFASAE(TopKSAE):
     def _select(self, dead: torch.Tensor | None) -> Selector:
         select = super()._select(dead)
 
-        def sorted_select(z: torch.Tensor) -> torch.Tensor:
-            indices = select(z)
-            top = indices[:, : self.k]
-            order = z.gather(1, top).argsort(dim=1, descending=True)
-            return torch.cat([top.gather(1, order), indices[:, self.k :]], dim=1)
+        def sorted_select(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            values, indices = select_entries(z, select)
+            order = values[:, : self.k].argsort(dim=1, descending=True)
+            return (torch.cat([values[:, : self.k].gather(1, order), values[:, self.k :]], dim=1),
+                    torch.cat([indices[:, : self.k].gather(1, order), indices[:, self.k :]], dim=1))
 
         return sorted_select
 

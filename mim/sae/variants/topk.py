@@ -69,15 +69,20 @@ class TopKSAE(SparseAutoencoder):
         return F.relu(values)
 
     def _select(self, dead: torch.Tensor | None) -> Selector:
-        """Per block: the top ``k`` ids, then (with a ``dead`` mask) AuxK's ``min(k_aux, d_sae)`` candidates."""
+        """Per block: the top ``k`` entries, then (with a ``dead`` mask) AuxK's ``min(k_aux, d_sae)`` candidates, as
+        ``(values, indices)``."""
         k, k_aux = self.k, self.k_aux
 
-        def select(z: torch.Tensor) -> torch.Tensor:
+        def select(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             score = self.rank(z)
-            top = score.topk(k, dim=1, sorted=False).indices
+            top = score.topk(k, dim=1, sorted=False)
+            if score is not z:  # ranked by another score (AbsTopK's |z|): the values are z's
+                top = top.indices if dead is None else torch.cat([top.indices, aux_candidates(score, dead, k_aux)], 1)
+                return z.gather(1, top), top
             if dead is None:
-                return top
-            return torch.cat([top, aux_candidates(score, dead, k_aux)], dim=1)
+                return top.values, top.indices
+            aux = aux_candidates(score, dead, k_aux)
+            return torch.cat([top.values, z.gather(1, aux)], dim=1), torch.cat([top.indices, aux], dim=1)
 
         return select
 
