@@ -92,8 +92,9 @@ def _transposed_sum(weights: torch.Tensor, indices: torch.Tensor, rows_in: torch
     ``weights`` and ``indices`` are (N, s) (entry ``e = n s + j`` lies in row ``n``; ``rows`` is ``None``), or
     (nnz,) with their ``rows`` (nnz,). The entries are sorted by latent (a stable sort of the ids, as
     :func:`sort_key_dtype` keys) and summed by one ``embedding_bag`` over ``rows_in`` with a bag per latent: each
-    output row is written once, by one thread, without a scatter-add or COO coalescing. Both weight gradients are such products: ``d W_enc =
-    S^T x`` with ``S`` the gradient of the kept pre-activations, ``d W_dec = F^T d x_hat`` with ``F`` the code.
+    output row is written once, by one thread, without a scatter-add or COO coalescing. Both weight gradients are
+    such products: ``d W_enc = S^T (x - c)`` with ``S`` the gradient of the kept pre-activations, ``d W_dec =
+    F^T d x_hat`` with ``F`` the code.
     """
     key = sort_key_dtype(num_rows)
     ids, order = indices.reshape(-1).to(key).sort(stable=True)
