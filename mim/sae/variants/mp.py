@@ -75,7 +75,7 @@ class MPSAE(SparseAutoencoder):
         return self.gram if self.gram is not None else self.d_sae**2 * 4 <= self.GRAM_MAX_BYTES
 
     @torch.no_grad()
-    def choose(self, x_n: torch.Tensor, steps: int, chunk_rows: int = 1024) -> torch.Tensor:
+    def choose(self, x_n: torch.Tensor, steps: int, chunk_rows: int = 256) -> torch.Tensor:
         """The atoms matching pursuit picks: (N, steps) int64, without autograd, in float32 (also under autocast).
 
         With the Gram matrix ``G = W_dec W_dec^T`` (:meth:`uses_gram`), the correlations ``c = r W_dec^T`` are
@@ -85,7 +85,9 @@ class MPSAE(SparseAutoencoder):
         argmax is :func:`~mim.sae.kernels.row_argmax`. On 2 CPU cores at d 192, d_sae 3072, 4096 tokens, 32 steps:
         340-440 ms against 1190-1210 ms for the choices (two runs each). The atoms are the same
         except at ties (two correlations equal to rounding, where either is a matching-pursuit pick; 2 of 1500
-        real tokens over 64 steps). Without it every step recomputes ``c``. Rows go ``chunk_rows`` at a time.
+        real tokens over 64 steps). Without it every step recomputes ``c``. Rows go ``chunk_rows`` at a time: a
+        (256, 3072) float32 block of correlations (3 MB) stays in cache through the 32 steps, where a (1024, 3072)
+        one does not (the choices 291 against 346 ms, 8 runs alternating; 128 rows: 351 ms).
         """
         with _without_autocast(x_n.device):
             W = self.W_dec.detach().float()
