@@ -174,7 +174,7 @@ class ArchetypalSAE(SparseAutoencoder):
     # --------------------------------------------------------------------------------------------- inference
     def _topk(self, x_n: torch.Tensor) -> SparseCode:
         values, indices = select_linear(x_n, self.W_enc, self.b_enc,
-                                        lambda z: z.topk(self.k, dim=1, sorted=False).indices, center=self.b_dec)
+                                        lambda z: z.topk(self.k, dim=1, sorted=False), center=self.b_dec)
         return SparseCode(F.relu(values), indices)
 
     def code(self, x_n: torch.Tensor) -> SparseCode:

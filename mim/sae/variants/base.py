@@ -533,8 +533,10 @@ class SupportStep:
         off = None if offset is None else offset.detach()
         n = len(x_n)
 
-        def select(z: torch.Tensor) -> torch.Tensor:
-            return (z if off is None else z - off).topk(width, dim=1, sorted=False).indices
+        def select(z: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+            if off is None:
+                return z.topk(width, dim=1, sorted=False)
+            return (z - off).topk(width, dim=1, sorted=False).indices
 
         values, indices = self.select_pre_acts(x_n, select, fp32)
         inside = values > (-margin if off is None else off[indices] - margin)

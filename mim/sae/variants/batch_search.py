@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from mim.sae.kernels import Selector, threshold_linear
+from mim.sae.kernels import Selector, select_entries, threshold_linear
 from mim.sae.variants.base import _check, _without_autocast, host_ints
 
 #: The searches of :class:`BatchSearch`.
@@ -118,9 +118,12 @@ class BatchSearch:
         kn = self.k * len(x_n)
         m = min(self.d_sae, math.ceil(self.candidate_factor * self.k))
 
-        def select(z: torch.Tensor) -> torch.Tensor:
-            top = z.topk(m, dim=1, sorted=False).indices
-            return top if aux is None else torch.cat([top, aux(z)], dim=1)
+        def select(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            top = z.topk(m, dim=1, sorted=False)
+            if aux is None:
+                return top.values, top.indices
+            aux_values, aux_ids = select_entries(z, aux)
+            return torch.cat([top.values, aux_values], dim=1), torch.cat([top.indices, aux_ids], dim=1)
 
         values, indices = self.select_pre_acts(x_n, select, fp32=True)
         f = F.relu(values[:, :m])

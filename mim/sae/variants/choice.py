@@ -132,7 +132,7 @@ class _ChoiceSAE(SparseAutoencoder):
     def _topk_code(self, x_n: torch.Tensor) -> SparseCode:
         """Per-token TopK (``ReLU(TopK_k(z))``): the inference code until a training step set a threshold."""
         values, indices = select_linear(x_n, self.W_enc, self.b_enc,
-                                        lambda z: z.topk(self.k, dim=1, sorted=False).indices, center=self.b_dec)
+                                        lambda z: z.topk(self.k, dim=1, sorted=False), center=self.b_dec)
         return SparseCode(F.relu(values), indices)
 
     def _ema(self, old: torch.Tensor, new: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:

@@ -50,7 +50,7 @@ def auxk_loss(sae: SparseAutoencoder, x_n: torch.Tensor, x_hat: torch.Tensor, ca
     k_aux = min(int(sae.k_aux), len(ids))
     residual = (x_n - x_hat).detach()
     values, local = select_linear(x_n, sae.W_enc[ids], sae.b_enc[ids],
-                                  lambda z: z.topk(k_aux, dim=1, sorted=False).indices, center=sae.b_dec)
+                                  lambda z: z.topk(k_aux, dim=1, sorted=False), center=sae.b_dec)
     e_hat = sparse_decode(F.relu(values), ids[local], sae.W_dec if W_dec is None else W_dec)
     return squared_error(residual, e_hat) / batch_variance(residual).clamp_min(1e-12)
 
@@ -122,7 +122,7 @@ class MSAE(SparseAutoencoder):
     # ----------------------------------------------------------------------------------------------- inference
     def _topk(self, x_n: torch.Tensor, k: int) -> SparseCode:
         values, indices = select_linear(x_n, self.W_enc, self.b_enc,
-                                        lambda z: z.topk(k, dim=1, sorted=True).indices, center=self.b_dec)
+                                        lambda z: z.topk(k, dim=1, sorted=True), center=self.b_dec)
         return SparseCode(F.relu(values), indices)
 
     def code_k(self, x_n: torch.Tensor, k: int) -> SparseCode:
