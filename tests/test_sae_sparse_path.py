@@ -273,12 +273,15 @@ def test_batch_topk_threshold_search_equals_the_dense_step(name, x_n_raw):
     assert rows.last_search == "rows"
 
 
+@pytest.mark.parametrize("search", ["rows", "compact"])
 @pytest.mark.parametrize("name", ["ReLUSAE", "JumpReLUSAE"])
-def test_threshold_variants_dense_sparse_and_fallback_steps_equal_the_dense_step(name, x_n_raw):
+def test_threshold_variants_dense_sparse_and_fallback_steps_equal_the_dense_step(name, search, x_n_raw):
     """Three steps on one batch: dense (no width known yet), sparse (a crafted negative encoder bias makes the
-    code sparse: few entries per row in the support), and the per-row fallback (candidates forced too few). With
-    dead latents (the pre-activation loss) and the coefficient warm-up part-way."""
+    code sparse: few entries per row in the support), and the per-row fallback (candidates forced too few; the
+    block compaction has none and needs no width). With dead latents (the pre-activation loss) and the coefficient
+    warm-up part-way."""
     sae = make(name, x_n_raw, dead=True, sparse_max_fraction=0.5)
+    sae.support_search = search
     with torch.no_grad():  # most pre-activations below the support: 4-17 entries per row on average
         sae.b_enc.fill_(-0.3 if name == "ReLUSAE" else -1.5)
     sae.train()
@@ -294,7 +297,7 @@ def test_threshold_variants_dense_sparse_and_fallback_steps_equal_the_dense_step
     assert not sae.last_fallback
     sae._support_width = 2  # rows with more than 2 support entries are found and recomputed in full
     assert_step_equals_reference(sae, x_n)
-    assert sae.last_fallback
+    assert sae.last_fallback is (search == "rows")
 
 
 @pytest.mark.parametrize("name", ["ReLUSAE", "JumpReLUSAE"])

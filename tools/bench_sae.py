@@ -13,6 +13,10 @@ What one row times (the median of ``--repeats`` single steps after ``--warmup`` 
   ``normalize_decoder_``. Every class of :data:`mim.sae.VARIANTS` is built with
   the size's ``k`` where its constructor takes one (:data:`KNOWN_ARGS`); a class not listed there is built
   with ``(d_model, d_sae[, k])`` when all its other arguments have defaults, else skipped with the reason.
+  The threshold variants (ReLU + L1, JumpReLU) have two rows: from initialisation, where about half the
+  latents fire (their dense step, as early in training), and ``(sparse state: l0 ~ k)``, a trained-like code
+  at TopK's ``l0`` (:func:`sparse_state_`; their sparse step). The peers' steps are dense matmuls whose time
+  does not depend on the code's sparsity.
 - Peers (only where importable; install them in a separate environment, never in mim's):
 
   * overcomplete ``TopKSAE`` / ``BatchTopKSAE`` (``top_k = k * N``: its top-k is over the whole batch) /
@@ -340,7 +344,7 @@ def mim_kwargs(cls: type, size: Size) -> tuple[dict[str, Any] | None, str]:
 def mim_rows(size: Size, names: list[str] | None, sample: torch.Tensor, device: str,
              searches: list[str] | None = None) -> list[Row]:
     from mim.sae import VARIANTS
-    from mim.sae.module import sae_adam
+    from mim.sae.variants.base import SupportStep
 
     rows = []
     for name, cls, kwargs, note in variant_builds(VARIANTS, names, size, searches):
@@ -349,30 +353,58 @@ def mim_rows(size: Size, names: list[str] | None, sample: torch.Tensor, device: 
         if kwargs is None:
             rows.append(Row(label, "mim", FAMILY.get(name, name), lambda: None, note=note))
             continue
-
-        def build(cls=cls, kwargs=kwargs) -> Step:
-            sae = cls(size.d, size.d_sae, **kwargs).to(device)
-            sae.initialize(sample.to(device))
-            sae.train()
-            opt = sae_adam(sae.parameters(), LR, BETAS, EPS)  # SAETraining's optimizer (float32: fused)
-
-            def step(x: torch.Tensor) -> None:  # SAETraining.training_step + Lightning's optimizer step
-                x_n = sae.normalize(x)
-                out = sae.loss(x_n)
-                if not bool(torch.isfinite(out.loss.detach())):
-                    raise FloatingPointError(f"loss {float(out.loss)}")
-                sae.update_firing(out.fired, len(x_n))
-                sae.dead_latents().float().mean()  # logged by training_step
-                opt.zero_grad()
-                out.loss.backward()
-                sae.remove_parallel_grad_()
-                opt.step()
-                sae.normalize_decoder_()
-
-            return step
-
-        rows.append(Row(label, "mim", FAMILY.get(name, name), build, note=note))
+        states = [False, True] if issubclass(cls, SupportStep) else [False]
+        for sparse in states:
+            rows.append(Row(label + (f" (sparse state: l0 ~ {size.k})" if sparse else ""), "mim",
+                            FAMILY.get(name, name), mim_build(cls, kwargs, size, sample, device, sparse)))
     return rows
+
+
+def sparse_state_(sae: Any, sample: torch.Tensor, k: int) -> None:
+    """Move a threshold variant (ReLU, JumpReLU) from its initialisation, where about half the latents fire on
+    every token (its dense step), to a trained-like sparse code: ``b_enc`` shifted so that each latent fires on
+    ``k / d_sae`` of the sample's tokens (its ``1 - k / d_sae`` quantile of ``z`` becomes the cut: 0 for ReLU,
+    ``theta = 1`` for JumpReLU), so ``l0 ~ k`` as for TopK."""
+    with torch.no_grad():
+        z = sae.pre_acts(sae.normalize(sample)).float()
+        rank = max(1, min(len(z), round(len(z) * (1 - k / sae.d_sae))))
+        cut = z.kthvalue(rank, dim=0).values
+        if hasattr(sae, "log_threshold"):
+            sae.log_threshold.zero_()
+            cut = cut - 1.0
+        sae.b_enc.sub_(cut.to(sae.b_enc.dtype))
+
+
+def mim_build(cls: type, kwargs: dict[str, Any], size: Size, sample: torch.Tensor, device: str, sparse: bool
+              ) -> Callable[[], Step]:
+    """The builder of one mim row; ``sparse``: at :func:`sparse_state_`, held there by Adam at lr 0 (the same work
+    per step; at lr 2e-4 the codes of these few steps drift away from ``l0 ~ k``)."""
+    from mim.sae.module import sae_adam
+
+    def build() -> Step:
+        sae = cls(size.d, size.d_sae, **kwargs).to(device)
+        sae.initialize(sample.to(device))
+        if sparse:
+            sparse_state_(sae, sample.to(device), size.k)
+        sae.train()
+        opt = sae_adam(sae.parameters(), 0.0 if sparse else LR, BETAS, EPS)  # SAETraining's (float32: fused)
+
+        def step(x: torch.Tensor) -> None:  # SAETraining.training_step + Lightning's optimizer step
+            x_n = sae.normalize(x)
+            out = sae.loss(x_n)
+            if not bool(torch.isfinite(out.loss.detach())):
+                raise FloatingPointError(f"loss {float(out.loss)}")
+            sae.update_firing(out.fired, len(x_n))
+            sae.dead_latents().float().mean()  # logged by training_step
+            opt.zero_grad()
+            out.loss.backward()
+            sae.remove_parallel_grad_()
+            opt.step()
+            sae.normalize_decoder_()
+
+        return step
+
+    return build
 
 
 def clip(params, on: bool) -> None:

@@ -23,6 +23,7 @@ from mim.sae.kernels import (
     ragged_offsets,
     select_linear,
     sparse_decode,
+    threshold_linear,
 )
 
 #: rows per block of a fused dense step's backward (:func:`dense_encoder_grads`)
@@ -501,11 +502,19 @@ class SupportStep:
     follows the data: ``3 x`` the last step's mean support count plus 16; while that exceeds
     ``sparse_max_fraction * d_sae`` (early in training: half the entries are positive at initialisation) the
     variant runs its dense step, which is faster there. One read of three integers per step (one sync on an
-    accelerator), one more when a row needs the fallback.
+    accelerator), one more when a row needs the fallback. On the CPU the support is compacted block by block
+    instead (:attr:`support_search`): the same entries, no fallback.
     """
 
     d_sae: int
     sparse_max_fraction: float
+    #: How the sparse step finds the support: ``"compact"`` compares each block of ``z`` with the cut and compacts
+    #: the hits (:func:`~mim.sae.kernels.threshold_linear`; one host read per block, which costs nothing on the
+    #: CPU), ``"rows"`` keeps each row's ``width`` largest entries with the exact fallback (no per-block sync: for
+    #: accelerators); ``"auto"``: ``"compact"`` on the CPU. Both give the same entries. On 2 CPU cores at d 192,
+    #: d_sae 3072, 4096 tokens, about 32 entries per row: 2.8 ms of compaction per 1024-row block against 13.7 ms
+    #: for its ``topk(width)`` (``width`` > ``d_sae / 64`` takes ``topk``'s full-selection path).
+    support_search = "auto"
 
     def sparse_width(self) -> int | None:
         """Candidates per row of the next sparse step, or ``None`` (run the dense step)."""
@@ -532,6 +541,16 @@ class SupportStep:
         """
         off = None if offset is None else offset.detach()
         n = len(x_n)
+        if self.support_search == "compact" or (self.support_search == "auto" and x_n.device.type == "cpu"):
+            W, b, c = (self.W_enc, self.b_enc, self.b_dec)
+            with _without_autocast(x_n.device) if fp32 else contextlib.nullcontext():
+                if fp32:
+                    x_n, W, b, c = x_n.float(), W.float(), b.float(), c.float()
+                rows, cols, vals = threshold_linear(x_n, W, b, -margin if off is None else off - margin,
+                                                    strict=True, center=c)[:3]
+            self.last_fallback = False
+            self.note_support(len(rows) / max(n, 1))
+            return RaggedCode(vals, cols, rows, ragged_offsets(rows, n)), int(dead.sum())
 
         def select(z: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
             if off is None:

@@ -81,7 +81,7 @@ class ReLUSAE(SupportStep, SparseAutoencoder):
     ``pre_act_coeff * E_n sum_{j dead} ReLU(-z_nj) ||W_dec,j||``, on the dead latents' columns only.
 
     Sparse training step (exact, :class:`~mim.sae.variants.base.SupportStep`): the positive entries of ``z`` from
-    row-wise candidates (rows with more recomputed in full), the decoder, the L1 term and the encoder's
+    row-wise candidates (rows with more recomputed in full; on the CPU, compacted block by block), the decoder, the L1 term and the encoder's
     backward only at them; the dense step while the code is dense (the candidate width for the mean positive count
     above ``sparse_max_fraction * d_sae``): fused (:class:`_DenseReLUL1`), or plain autograd under autocast. One
     sync per step (one more when a row needs the fallback).
