@@ -280,8 +280,7 @@ def test_threshold_variants_dense_sparse_and_fallback_steps_equal_the_dense_step
     code sparse: few entries per row in the support), and the per-row fallback (candidates forced too few; the
     block compaction has none and needs no width). With dead latents (the pre-activation loss) and the coefficient
     warm-up part-way."""
-    sae = make(name, x_n_raw, dead=True, sparse_max_fraction=0.5)
-    sae.support_search = search
+    sae = make(name, x_n_raw, dead=True, sparse_max_fraction=0.5, support_search=search)
     with torch.no_grad():  # most pre-activations below the support: 4-17 entries per row on average
         sae.b_enc.fill_(-0.3 if name == "ReLUSAE" else -1.5)
     sae.train()
@@ -388,3 +387,6 @@ def test_bad_new_arguments_give_one_clear_error():
         ReLUSAE(16, 64, pre_act_coeff=-1.0)
     with pytest.raises(ConfigError, match=r"sparse_max_fraction must lie in \(0, 1\]"):
         JumpReLUSAE(16, 64, sparse_max_fraction=0.0)
+    for cls in (ReLUSAE, JumpReLUSAE):
+        with pytest.raises(ConfigError, match=r"support_search must be one of .*got 'topk'"):
+            cls(16, 64, support_search="topk")

@@ -26,6 +26,9 @@ from mim.sae.kernels import (
     threshold_linear,
 )
 
+#: the support searches of the threshold variants' sparse step (:meth:`SupportStep.init_support_search`)
+SUPPORT_SEARCHES = ("auto", "compact", "rows")
+
 #: rows per block of a fused dense step's backward (:func:`dense_encoder_grads`)
 DENSE_BACKWARD_ROWS = 1024
 
@@ -508,13 +511,24 @@ class SupportStep:
 
     d_sae: int
     sparse_max_fraction: float
-    #: How the sparse step finds the support: ``"compact"`` compares each block of ``z`` with the cut and compacts
-    #: the hits (:func:`~mim.sae.kernels.threshold_linear`; one host read per block, which costs nothing on the
-    #: CPU), ``"rows"`` keeps each row's ``width`` largest entries with the exact fallback (no per-block sync: for
-    #: accelerators); ``"auto"``: ``"compact"`` on the CPU. Both give the same entries. On 2 CPU cores at d 192,
-    #: d_sae 3072, 4096 tokens, about 32 entries per row: 2.8 ms of compaction per 1024-row block against 13.7 ms
-    #: for its ``topk(width)`` (``width`` > ``d_sae / 64`` takes ``topk``'s full-selection path).
+    #: How the sparse step finds the support (:meth:`init_support_search`).
     support_search = "auto"
+
+    def init_support_search(self, support_search: str) -> None:
+        """Set :attr:`support_search` after checking it: ``"compact"`` compares each block of ``z`` with the cut
+        and compacts the hits (:func:`~mim.sae.kernels.threshold_linear`; one host read per block, which costs
+        nothing on the CPU), ``"rows"`` keeps each row's ``width`` largest entries with the exact fallback (no
+        per-block sync: for accelerators); ``"auto"``: ``"compact"`` on the CPU, else ``"rows"``. Both give the
+        same entries. On 2 CPU cores at d 192, d_sae 3072, 4096 tokens, about 32 entries per row: 2.8 ms of
+        compaction per 1024-row block against 13.7 ms for its ``topk(width)`` (a ``width`` above ``d_sae / 64``
+        takes ``topk``'s full-selection path).
+
+        Raises:
+            ConfigError: another value.
+        """
+        _check(support_search in SUPPORT_SEARCHES, "support_search", support_search,
+               f"be one of {SUPPORT_SEARCHES}", 'set support_search to "auto" (the faster search for the device)')
+        self.support_search = support_search
 
     def sparse_width(self) -> int | None:
         """Candidates per row of the next sparse step, or ``None`` (run the dense step)."""

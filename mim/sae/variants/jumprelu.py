@@ -155,8 +155,8 @@ class JumpReLUSAE(SupportStep, SparseAutoencoder):
     ``|z - theta| < bandwidth / 2`` (where the reconstruction's ``d loss / d f`` reaches ``theta``) and eq. 12's
     (the L0 term's) lie inside ``S``, and ``E||f||_0`` counts entries above ``theta``. So the code holds ``S``
     (zeros in the window below ``theta``), the encoder's backward runs on ``S`` only, and the thresholds'
-    gradients are summed from ``S`` (a row with more candidates in ``S`` than the candidate width is recomputed in
-    full). The dense step runs while ``S`` is wide (early in training): fused (:class:`_DenseJumpReLU`), or plain
+    gradients are summed from ``S`` (on the CPU ``S`` is compacted block by block; elsewhere a row with more
+    candidates in ``S`` than the candidate width is recomputed in full). The dense step runs while ``S`` is wide (early in training): fused (:class:`_DenseJumpReLU`), or plain
     autograd under autocast. One sync per step (one more when a row needs the fallback).
 
     Precision: ``z`` is computed in float32 also under autocast (:meth:`SparseAutoencoder.pre_acts` with ``fp32``),
@@ -172,22 +172,26 @@ class JumpReLUSAE(SupportStep, SparseAutoencoder):
         pre_act_coeff: coefficient of the dead latents' pre-activation loss (0: off, SAELens' default).
         sparse_max_fraction: the candidate width (3 x the mean support count + 16), as a fraction of ``d_sae``,
             above which the dense step runs (speed only; the result is the same).
+        support_search: how the sparse step finds the support: ``"auto"``, ``"compact"`` or ``"rows"``
+            (:meth:`~mim.sae.variants.base.SupportStep.init_support_search`; speed only, the same entries).
         (others as :class:`SparseAutoencoder`)
 
     Raises:
         ConfigError: ``l0_coeff``, ``bandwidth`` or ``init_threshold`` not > 0, ``l0_warmup_steps < 0``,
-            ``pre_act_coeff < 0`` or ``sparse_max_fraction`` outside ``(0, 1]`` (and the base class's).
+            ``pre_act_coeff < 0``, ``sparse_max_fraction`` outside ``(0, 1]`` or an unknown ``support_search``
+            (and the base class's).
     """
 
     def __init__(self, d_model: int, d_sae: int, l0_coeff: float = 1.0, bandwidth: float = 0.001,
                  init_threshold: float = 0.001, dead_tokens: int = 10_000_000, l0_warmup_steps: int = 0,
-                 pre_act_coeff: float = 0.0, sparse_max_fraction: float = 0.1) -> None:
+                 pre_act_coeff: float = 0.0, sparse_max_fraction: float = 0.1, support_search: str = "auto") -> None:
         for name, value in (("l0_coeff", l0_coeff), ("bandwidth", bandwidth), ("init_threshold", init_threshold)):
             _check_positive(name, value)
         _check(l0_warmup_steps >= 0, "l0_warmup_steps", l0_warmup_steps, "be >= 0",
                "set l0_warmup_steps >= 0 (0: no warm-up)")
         _check_non_negative("pre_act_coeff", pre_act_coeff)
         _check_fraction("sparse_max_fraction", sparse_max_fraction)
+        self.init_support_search(support_search)
         self.l0_coeff, self.bandwidth, self.init_threshold = l0_coeff, bandwidth, init_threshold
         self.l0_warmup_steps, self.pre_act_coeff, self.sparse_max_fraction = (
             l0_warmup_steps, pre_act_coeff, sparse_max_fraction)

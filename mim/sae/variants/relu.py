@@ -80,11 +80,12 @@ class ReLUSAE(SupportStep, SparseAutoencoder):
     (:meth:`~mim.sae.variants.base.SupportStep.dead_pre_act_loss` with threshold 0),
     ``pre_act_coeff * E_n sum_{j dead} ReLU(-z_nj) ||W_dec,j||``, on the dead latents' columns only.
 
-    Sparse training step (exact, :class:`~mim.sae.variants.base.SupportStep`): the positive entries of ``z`` from
-    row-wise candidates (rows with more recomputed in full; on the CPU, compacted block by block), the decoder, the L1 term and the encoder's
-    backward only at them; the dense step while the code is dense (the candidate width for the mean positive count
-    above ``sparse_max_fraction * d_sae``): fused (:class:`_DenseReLUL1`), or plain autograd under autocast. One
-    sync per step (one more when a row needs the fallback).
+    Sparse training step (exact, :class:`~mim.sae.variants.base.SupportStep`): the positive entries of ``z``
+    (compacted block by block on the CPU; elsewhere from row-wise candidates, rows with more recomputed in full),
+    the decoder, the L1 term and the encoder's backward only at them; the dense step while the code is dense (the
+    candidate width for the mean positive count above ``sparse_max_fraction * d_sae``): fused
+    (:class:`_DenseReLUL1`), or plain autograd under autocast. One sync per step (one more when a row needs the
+    fallback).
 
     Args:
         l1_coeff: the sparsity coefficient lambda (the update used 5 with ``E||x|| = sqrt(d)``).
@@ -92,22 +93,26 @@ class ReLUSAE(SupportStep, SparseAutoencoder):
         pre_act_coeff: coefficient of the dead latents' pre-activation loss (0: off, SAELens' default).
         sparse_max_fraction: the candidate width (3 x the mean positive count + 16), as a fraction of ``d_sae``,
             above which the dense step runs (speed only; the result is the same).
+        support_search: how the sparse step finds the support: ``"auto"``, ``"compact"`` or ``"rows"``
+            (:meth:`~mim.sae.variants.base.SupportStep.init_support_search`; speed only, the same entries).
         (others as :class:`SparseAutoencoder`)
 
     Raises:
-        ConfigError: ``l1_coeff <= 0``, ``l1_warmup_steps < 0``, ``pre_act_coeff < 0`` or ``sparse_max_fraction``
-            outside ``(0, 1]`` (and the base class's).
+        ConfigError: ``l1_coeff <= 0``, ``l1_warmup_steps < 0``, ``pre_act_coeff < 0``, ``sparse_max_fraction``
+            outside ``(0, 1]`` or an unknown ``support_search`` (and the base class's).
     """
 
     unit_norm_decoder = False
 
     def __init__(self, d_model: int, d_sae: int, l1_coeff: float = 5.0, l1_warmup_steps: int = 0,
-                 dead_tokens: int = 10_000_000, pre_act_coeff: float = 0.0, sparse_max_fraction: float = 0.1) -> None:
+                 dead_tokens: int = 10_000_000, pre_act_coeff: float = 0.0, sparse_max_fraction: float = 0.1,
+                 support_search: str = "auto") -> None:
         _check_positive("l1_coeff", l1_coeff)
         _check(l1_warmup_steps >= 0, "l1_warmup_steps", l1_warmup_steps, "be >= 0",
                "set l1_warmup_steps >= 0 (0: no warm-up)")
         _check_non_negative("pre_act_coeff", pre_act_coeff)
         _check_fraction("sparse_max_fraction", sparse_max_fraction)
+        self.init_support_search(support_search)
         self.l1_coeff, self.l1_warmup_steps = l1_coeff, l1_warmup_steps
         self.pre_act_coeff, self.sparse_max_fraction = pre_act_coeff, sparse_max_fraction
         super().__init__(d_model, d_sae, dead_tokens)
