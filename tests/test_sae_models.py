@@ -26,8 +26,11 @@ from mim.sae import (
     load_sae,
     save_sae,
 )
+from mim.sae import kernels
 from mim.sae.kernels import (
+    LatentSort,
     attach_linear_grad_ragged,
+    latent_order,
     ragged_decode,
     ragged_offsets,
     row_argmax,
@@ -248,6 +251,34 @@ def test_sparse_kernels_equal_dense_autograd(sae_tokens):
     torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-4)
     for name, a, b in zip(["W_enc", "b_enc", "W_dec", "b_dec"], grads_sparse, grads_dense):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("name", ["TopKSAE", "ReLUSAE"])
+def test_one_latent_sort_serves_both_backwards(name, sae_tokens, monkeypatch):
+    """A TopK step (and ReLU's sparse step) sorts its code's ids once for the encoder's and the decoder's weight
+    gradients; a LatentSort given other ids, or ids changed in place, sorts again."""
+    x, _ = sae_tokens
+    sae = make(name, x)
+    x_n = sae.normalize(x[:300])
+    if name == "ReLUSAE":
+        with torch.no_grad():
+            sae.b_enc.fill_(-0.3)  # a sparse code: the sparse step
+        sae._support_width = 32  # under sparse_max_fraction * d_sae: the sparse step runs
+    calls = []
+    monkeypatch.setattr(kernels, "latent_order", lambda *a: calls.append(1) or latent_order(*a))
+    sae.loss(x_n).loss.backward()
+    assert len(calls) == 1 and sae.W_enc.grad is not None and sae.W_dec.grad is not None
+    monkeypatch.undo()
+    gen = torch.Generator().manual_seed(0)
+    ids, other = torch.randint(0, 50, (20, 4), generator=gen), torch.randint(0, 50, (20, 4), generator=gen)
+    sort = LatentSort()
+    for a, e in zip(sort(ids, 50), latent_order(ids, 50)):
+        assert torch.equal(a, e)
+    for a, e in zip(sort(other, 50), latent_order(other, 50)):
+        assert torch.equal(a, e)
+    other[0, 0] = 49 - other[0, 0]
+    for a, e in zip(sort(other, 50), latent_order(other, 50)):
+        assert torch.equal(a, e)
 
 
 def test_decode_and_attach_backwards_equal_dense_float64(sae_tokens):

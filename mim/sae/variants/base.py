@@ -15,6 +15,7 @@ from torch import nn
 
 from mim.errors import ConfigError, UserError
 from mim.sae.kernels import (
+    LatentSort,
     Selector,
     attach_linear_grad,
     attach_linear_grad_ragged,
@@ -376,16 +377,17 @@ class SparseAutoencoder(nn.Module):
         with _without_autocast(x_n.device):
             return F.linear(x_n.float() - self.b_dec.float(), self.W_enc.float(), self.b_enc.float())
 
-    def select_pre_acts(self, x_n: torch.Tensor, select: Selector, fp32: bool = False
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    def select_pre_acts(self, x_n: torch.Tensor, select: Selector, fp32: bool = False,
+                        sort: LatentSort | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The entries ``select`` picks of the pre-activations ``z`` (:meth:`pre_acts`), computed blockwise with a
         sparse backward (:func:`~mim.sae.kernels.select_linear`): ``values`` (N, s) and ``indices`` (N, s) int64.
-        With ``fp32`` autocast is off and ``values`` are float32 (as :meth:`pre_acts`)."""
+        With ``fp32`` autocast is off and ``values`` are float32 (as :meth:`pre_acts`). ``sort``: a
+        :class:`~mim.sae.kernels.LatentSort` shared with :meth:`decode_n` of the same code."""
         if not fp32:
-            return select_linear(x_n, self.W_enc, self.b_enc, select, center=self.b_dec)
+            return select_linear(x_n, self.W_enc, self.b_enc, select, center=self.b_dec, sort=sort)
         with _without_autocast(x_n.device):
             return select_linear(x_n.float(), self.W_enc.float(), self.b_enc.float(), select,
-                                 center=self.b_dec.float())
+                                 center=self.b_dec.float(), sort=sort)
 
     def attach_pre_acts(self, x_n: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
                         fp32: bool = False) -> torch.Tensor:
@@ -397,25 +399,28 @@ class SparseAutoencoder(nn.Module):
             return attach_linear_grad(x_n.float(), self.W_enc.float(), self.b_enc.float(), values, indices,
                                       center=self.b_dec.float())
 
-    def attach_ragged(self, x_n: torch.Tensor, code: RaggedCode, fp32: bool = False) -> torch.Tensor:
+    def attach_ragged(self, x_n: torch.Tensor, code: RaggedCode, fp32: bool = False,
+                      sort: LatentSort | None = None) -> torch.Tensor:
         """The (nnz,) pre-activations ``code.values`` (computed without autograd) made differentiable with the
-        sparse backward over the code's entries (:func:`~mim.sae.kernels.attach_linear_grad_ragged`)."""
+        sparse backward over the code's entries (:func:`~mim.sae.kernels.attach_linear_grad_ragged`; ``sort`` as
+        :meth:`select_pre_acts`)."""
         args = (code.values, code.indices, code.rows, code.offsets)
         if not fp32:
-            return attach_linear_grad_ragged(x_n, self.W_enc, self.b_enc, *args, center=self.b_dec)
+            return attach_linear_grad_ragged(x_n, self.W_enc, self.b_enc, *args, center=self.b_dec, sort=sort)
         with _without_autocast(x_n.device):
             return attach_linear_grad_ragged(x_n.float(), self.W_enc.float(), self.b_enc.float(), *args,
-                                             center=self.b_dec.float())
+                                             center=self.b_dec.float(), sort=sort)
 
     def code(self, x_n: torch.Tensor) -> SparseCode:
         """The inference code of normalised inputs ``x_n`` (N, d_model)."""
         raise NotImplementedError
 
-    def decode_n(self, code: SparseCode | RaggedCode) -> torch.Tensor:
-        """``x_hat_n = W_dec^T f + b_dec`` (normalised units), decoding only the active latents."""
+    def decode_n(self, code: SparseCode | RaggedCode, sort: LatentSort | None = None) -> torch.Tensor:
+        """``x_hat_n = W_dec^T f + b_dec`` (normalised units), decoding only the active latents (``sort``: the
+        :class:`~mim.sae.kernels.LatentSort` the encoder's kernel of the same code was given, or ``None``)."""
         if isinstance(code, RaggedCode):
-            return ragged_decode(code.values, code.indices, code.offsets, self.W_dec) + self.b_dec
-        return sparse_decode(code.values, code.indices, self.W_dec) + self.b_dec
+            return ragged_decode(code.values, code.indices, code.offsets, self.W_dec, sort) + self.b_dec
+        return sparse_decode(code.values, code.indices, self.W_dec, sort) + self.b_dec
 
     def encode(self, x: torch.Tensor) -> SparseCode:
         """Sparse codes of raw features ``x`` (N, d_model)."""
@@ -477,8 +482,9 @@ class SparseAutoencoder(nn.Module):
         """Drop the component of each decoder row's gradient parallel to the row (call before the optimizer
         step; with :meth:`normalize_decoder_` after it, the unit-norm constraint of Gao et al. App. A.1)."""
         if self.unit_norm_decoder and self.W_dec.grad is not None:
-            unit = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            self.W_dec.grad.sub_((self.W_dec.grad * unit).sum(1, keepdim=True) * unit)
+            W, grad = self.W_dec, self.W_dec.grad  # grad -= (grad . W_j / ||W_j||^2) W_j: three passes, no temporaries
+            coef = torch.linalg.vecdot(grad, W) / torch.linalg.vecdot(W, W).clamp_min(1e-24)
+            grad.addcmul_(W, coef.unsqueeze(1), value=-1.0)
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:

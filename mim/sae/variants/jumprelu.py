@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from mim.sae.kernels import ragged_offsets, sampled_dots
+from mim.sae.kernels import LatentSort, ragged_offsets, sampled_dots
 from mim.sae.variants.base import (
     SAELoss,
     SparseAutoencoder,
@@ -156,8 +156,9 @@ class JumpReLUSAE(SupportStep, SparseAutoencoder):
     (the L0 term's) lie inside ``S``, and ``E||f||_0`` counts entries above ``theta``. So the code holds ``S``
     (zeros in the window below ``theta``), the encoder's backward runs on ``S`` only, and the thresholds'
     gradients are summed from ``S`` (on the CPU ``S`` is compacted block by block; elsewhere a row with more
-    candidates in ``S`` than the candidate width is recomputed in full). The dense step runs while ``S`` is wide (early in training): fused (:class:`_DenseJumpReLU`), or plain
-    autograd under autocast. One sync per step (one more when a row needs the fallback).
+    candidates in ``S`` than the candidate width is recomputed in full). The dense step runs while ``S`` is wide
+    (early in training): fused (:class:`_DenseJumpReLU`), or plain autograd under autocast. One sync per step (one
+    more when a row needs the fallback).
 
     Precision: ``z`` is computed in float32 also under autocast (:meth:`SparseAutoencoder.pre_acts` with ``fp32``),
     as are the comparison with ``theta`` and the pseudo-derivatives; with a bf16 ``z`` the window
@@ -231,10 +232,11 @@ class JumpReLUSAE(SupportStep, SparseAutoencoder):
             x_hat = self.dense_decode_n(dense)
         else:  # the support z > theta - bandwidth / 2 only (exact; class docstring)
             code, n_dead = self.support_entries(x_n, theta, eps / 2, True, width, dead)
-            z = self.attach_ragged(x_n, code, fp32=True)
+            sort = LatentSort()  # the encoder's and decoder's backwards share one sort of the entries
+            z = self.attach_ragged(x_n, code, fp32=True, sort=sort)
             theta_s = theta[code.indices]  # the gather sums the entries' threshold gradients per latent
             l0 = _Step.apply(z, theta_s, eps).sum() / len(x_n)
             code = code._replace(values=_JumpReLU.apply(z, theta_s, eps))
-            x_hat = self.decode_n(code)
+            x_hat = self.decode_n(code, sort)
         return self.penalised_result(x_n, x_hat, "l0_penalty", l0, self.l0_coeff, self.l0_warmup_steps,
                                      lambda: self.dead_pre_act_loss(x_n, dead, n_dead, theta, True), dense, code)

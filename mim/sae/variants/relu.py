@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mim.sae.kernels import LatentSort
 from mim.sae.variants.base import (
     SAELoss,
     SparseAutoencoder,
@@ -145,8 +146,9 @@ class ReLUSAE(SupportStep, SparseAutoencoder):
             x_hat = self.dense_decode_n(dense)
         else:  # the positive entries only (exact; class docstring)
             code, n_dead = self.support_entries(x_n, None, 0.0, False, width, dead)
-            code = code._replace(values=F.relu(self.attach_ragged(x_n, code)))
+            sort = LatentSort()  # the encoder's and decoder's backwards share one sort of the entries
+            code = code._replace(values=F.relu(self.attach_ragged(x_n, code, sort=sort)))
             l1 = (code.values * norms[code.indices]).sum() / len(x_n)
-            x_hat = self.decode_n(code)
+            x_hat = self.decode_n(code, sort)
         return self.penalised_result(x_n, x_hat, "l1", l1, self.l1_coeff, self.l1_warmup_steps,
                                      lambda: self.dead_pre_act_loss(x_n, dead, n_dead, None, False), dense, code)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mim.sae.kernels import Selector, select_entries
+from mim.sae.kernels import LatentSort, Selector, select_entries
 from mim.sae.variants.base import (
     SAELoss,
     SparseCode,
@@ -70,10 +70,11 @@ class TopAFASAE(TopKSAE):
 
     def loss(self, x_n: torch.Tensor) -> SAELoss:
         dead = self.step_dead_latents()
-        values, indices = self.select_pre_acts(x_n, self._select(dead))
+        sort = LatentSort()  # shared by the encoder's and decoder's backwards (as TopKSAE.loss)
+        values, indices = self.select_pre_acts(x_n, self._select(dead), sort=sort)
         values = self.activate(values)
         code = self._afa(x_n, values[:, : self.k], indices[:, : self.k])
-        x_hat = self.decode_n(code)
+        x_hat = self.decode_n(code, sort)
         mse = squared_error(x_n, x_hat)
         fvu = mse / batch_variance(x_n)
         afa = (code.values.float().norm(dim=1) - (x_n - self.b_dec).float().norm(dim=1)).pow(2).mean()

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from mim.sae.kernels import Selector, sparse_decode
+from mim.sae.kernels import LatentSort, Selector, sparse_decode
 from mim.sae.variants.base import (
     SAELoss,
     SparseAutoencoder,
@@ -104,10 +104,11 @@ class TopKSAE(SparseAutoencoder):
 
     def loss(self, x_n: torch.Tensor) -> SAELoss:
         dead = self.step_dead_latents()
-        values, indices = self.select_pre_acts(x_n, self._select(dead))
+        sort = LatentSort()  # the encoder's and decoder's backwards share one sort (without AuxK, the same ids)
+        values, indices = self.select_pre_acts(x_n, self._select(dead), sort=sort)
         values = self.activate(values)
         code = SparseCode(values[:, : self.k], indices[:, : self.k])
-        x_hat = self.decode_n(code)
+        x_hat = self.decode_n(code, sort)
         mse = squared_error(x_n, x_hat)
         fvu = mse / batch_variance(x_n)
         auxk = torch.zeros_like(fvu)
