@@ -22,6 +22,8 @@ matmul, and the encoder's backward is sparse too:
   that needs the whole batch, like BatchTopK's), so the backward runs over the finally kept entries only.
 - :func:`threshold_linear`: every entry of ``z`` at or above a threshold, blockwise and without autograd, as a
   ragged set (a candidate pool for a selection over the whole batch whose cut is known approximately).
+- :class:`LatentSort`: the sort of a code's entries by latent that both weight gradients need, done once per
+  step for the encoder's and the decoder's backward.
 - :func:`row_argmax`: ``x.argmax(1)`` as the argmax of block maxima, then inside the winning block (the
   vectorised ``amax`` carries the pass over every entry; a row argmax over thousands of latents is not
   vectorised on the CPU).
@@ -119,8 +121,8 @@ class LatentSort:
 
     A step's two weight gradients, ``d W_enc`` (encoder kernel) and ``d W_dec`` (decoder), sum over the entries of
     the same code sorted by latent; one ``LatentSort`` passed to both kernels (:func:`select_linear` and
-    :func:`sparse_decode`, or the ragged pair) makes the second backward reuse the first's sort (1.2 ms of a
-    4096-token TopK step on 2 CPU cores). It keeps the order of the last ``indices`` it was called with, keyed by
+    :func:`sparse_decode`, or the ragged pair) makes the second backward reuse the first's sort (a stable sort
+    and a search: about 1 ms for the 131,072 ids of a 4096-token TopK step on 2 CPU cores). It keeps the order of the last ``indices`` it was called with, keyed by
     their storage, shape, strides and version: any other ids are sorted afresh, so a wrong pairing costs time,
     never correctness. Make one per step.
     """
