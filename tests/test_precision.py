@@ -202,5 +202,30 @@ def test_sae_loss_and_gradients_under_bf16_autocast_match_float32(name, sae_toke
     assert _cosine(grad16, grad32) > 0.97
 
 
+@pytest.mark.parametrize("search", ["compact", "rows"])
+@pytest.mark.parametrize("name", ["ReLUSAE", "JumpReLUSAE"])
+def test_threshold_variants_sparse_step_under_bf16_autocast_matches_float32(name, search, sae_tokens):
+    """The sparse step (a sparse code: few entries per token) under bf16 autocast, with either support search, is
+    the float32 step up to bf16 rounding of ReLU's encoder matmul (JumpReLU's pre-activations are float32)."""
+    torch.manual_seed(0)
+    sae = VARIANTS[name](192, 256, support_search=search, sparse_max_fraction=0.5, **SAE_KWARGS[name])
+    sae.initialize(sae_tokens)
+    with torch.no_grad():
+        sae.b_enc.fill_(-0.3 if name == "ReLUSAE" else -1.5)
+    x_n = sae.normalize(sae_tokens)
+    results = []
+    for autocast in (False, True):
+        sae._support_width = 64  # the sparse step
+        sae.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = sae.loss(x_n)
+        out.loss.backward()
+        results.append((out.loss.detach(), torch.cat([p.grad.flatten() for p in sae.parameters()]), out.x_hat.dtype))
+    (loss32, grad32, _), (loss16, grad16, x_hat_dtype) = results
+    assert x_hat_dtype == torch.float32 and 0 < float(out.l0) < 64
+    assert loss16.item() == pytest.approx(loss32.item(), rel=0.03)
+    assert _cosine(grad16, grad32) > 0.97
+
+
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return torch.nn.functional.cosine_similarity(a, b, dim=0).item()
