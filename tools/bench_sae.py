@@ -356,7 +356,7 @@ def mim_rows(size: Size, names: list[str] | None, sample: torch.Tensor, device: 
         states = [False, True] if issubclass(cls, SupportStep) else [False]
         for sparse in states:
             rows.append(Row(label + (f" (sparse state: l0 ~ {size.k})" if sparse else ""), "mim",
-                            FAMILY.get(name, name), mim_build(cls, kwargs, size, sample, device, sparse)))
+                            FAMILY.get(name, name), mim_build(cls, kwargs, size, sample, device, sparse), note=note))
     return rows
 
 
