@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -372,10 +372,18 @@ class SparseAutoencoder(nn.Module):
         (bandwidth 0.001), which then holds no ``z`` and gives the threshold no gradient; and a threshold
         estimated from, or compared with, rounded ``z`` is off by up to 0.4 %.
         """
+        with self.encoder_args(x_n, fp32) as (x, W, b, c):
+            return F.linear(x - c, W, b)
+
+    @contextlib.contextmanager
+    def encoder_args(self, x_n: torch.Tensor, fp32: bool) -> Iterator[tuple[torch.Tensor, ...]]:
+        """``(x_n, W_enc, b_enc, b_dec)`` for an encoder pass: as they are, or with ``fp32`` cast to float32 and
+        autocast off on their device for the pass (the precision :meth:`pre_acts` explains)."""
         if not fp32:
-            return F.linear(x_n - self.b_dec, self.W_enc, self.b_enc)
+            yield x_n, self.W_enc, self.b_enc, self.b_dec
+            return
         with _without_autocast(x_n.device):
-            return F.linear(x_n.float() - self.b_dec.float(), self.W_enc.float(), self.b_enc.float())
+            yield x_n.float(), self.W_enc.float(), self.b_enc.float(), self.b_dec.float()
 
     def select_pre_acts(self, x_n: torch.Tensor, select: Selector, fp32: bool = False,
                         sort: LatentSort | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -383,33 +391,24 @@ class SparseAutoencoder(nn.Module):
         sparse backward (:func:`~mim.sae.kernels.select_linear`): ``values`` (N, s) and ``indices`` (N, s) int64.
         With ``fp32`` autocast is off and ``values`` are float32 (as :meth:`pre_acts`). ``sort``: a
         :class:`~mim.sae.kernels.LatentSort` shared with :meth:`decode_n` of the same code."""
-        if not fp32:
-            return select_linear(x_n, self.W_enc, self.b_enc, select, center=self.b_dec, sort=sort)
-        with _without_autocast(x_n.device):
-            return select_linear(x_n.float(), self.W_enc.float(), self.b_enc.float(), select,
-                                 center=self.b_dec.float(), sort=sort)
+        with self.encoder_args(x_n, fp32) as (x, W, b, c):
+            return select_linear(x, W, b, select, center=c, sort=sort)
 
     def attach_pre_acts(self, x_n: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
                         fp32: bool = False) -> torch.Tensor:
         """``values`` (N, s) = ``z.gather(1, indices)`` from a no-grad :meth:`select_pre_acts`, made differentiable
         with the sparse backward over these entries only (:func:`~mim.sae.kernels.attach_linear_grad`)."""
-        if not fp32:
-            return attach_linear_grad(x_n, self.W_enc, self.b_enc, values, indices, center=self.b_dec)
-        with _without_autocast(x_n.device):
-            return attach_linear_grad(x_n.float(), self.W_enc.float(), self.b_enc.float(), values, indices,
-                                      center=self.b_dec.float())
+        with self.encoder_args(x_n, fp32) as (x, W, b, c):
+            return attach_linear_grad(x, W, b, values, indices, center=c)
 
     def attach_ragged(self, x_n: torch.Tensor, code: RaggedCode, fp32: bool = False,
                       sort: LatentSort | None = None) -> torch.Tensor:
         """The (nnz,) pre-activations ``code.values`` (computed without autograd) made differentiable with the
         sparse backward over the code's entries (:func:`~mim.sae.kernels.attach_linear_grad_ragged`; ``sort`` as
         :meth:`select_pre_acts`)."""
-        args = (code.values, code.indices, code.rows, code.offsets)
-        if not fp32:
-            return attach_linear_grad_ragged(x_n, self.W_enc, self.b_enc, *args, center=self.b_dec, sort=sort)
-        with _without_autocast(x_n.device):
-            return attach_linear_grad_ragged(x_n.float(), self.W_enc.float(), self.b_enc.float(), *args,
-                                             center=self.b_dec.float(), sort=sort)
+        with self.encoder_args(x_n, fp32) as (x, W, b, c):
+            return attach_linear_grad_ragged(x, W, b, code.values, code.indices, code.rows, code.offsets, center=c,
+                                             sort=sort)
 
     def code(self, x_n: torch.Tensor) -> SparseCode:
         """The inference code of normalised inputs ``x_n`` (N, d_model)."""
@@ -562,12 +561,9 @@ class SupportStep:
         off = None if offset is None else offset.detach()
         n = len(x_n)
         if self.support_search == "compact" or (self.support_search == "auto" and x_n.device.type == "cpu"):
-            W, b, c = (self.W_enc, self.b_enc, self.b_dec)
-            with _without_autocast(x_n.device) if fp32 else contextlib.nullcontext():
-                if fp32:
-                    x_n, W, b, c = x_n.float(), W.float(), b.float(), c.float()
-                rows, cols, vals = threshold_linear(x_n, W, b, -margin if off is None else off - margin,
-                                                    strict=True, center=c)[:3]
+            with self.encoder_args(x_n, fp32) as (x, W, b, c):
+                rows, cols, vals = threshold_linear(x, W, b, -margin if off is None else off - margin, strict=True,
+                                                    center=c)[:3]
             self.last_fallback = False
             self.note_support(len(rows) / max(n, 1))
             return RaggedCode(vals, cols, rows, ragged_offsets(rows, n)), int(dead.sum())
@@ -587,10 +583,8 @@ class SupportStep:
         self.last_fallback = n_over > 0
         if n_over:  # rows that may hold more than `width` entries: their whole pre-activation rows
             rows_o = torch.nonzero_static(over, size=n_over).squeeze(1)
-            with _without_autocast(x_n.device) if fp32 else contextlib.nullcontext():
-                x_c = x_n[rows_o].float() - self.b_dec.float() if fp32 else x_n[rows_o] - self.b_dec
-                W, b = (self.W_enc.float(), self.b_enc.float()) if fp32 else (self.W_enc, self.b_enc)
-                z = F.linear(x_c, W, b)
+            with self.encoder_args(x_n[rows_o], fp32) as (x, W, b, c):
+                z = F.linear(x - c, W, b)
             r, c = (z > (-margin if off is None else off - margin)).nonzero(as_tuple=True)
             rows, cols, vals = torch.cat([rows, rows_o[r]]), torch.cat([cols, c]), torch.cat([vals, z[r, c].to(vals.dtype)])
             order = rows.argsort(stable=True)
@@ -608,11 +602,8 @@ class SupportStep:
         if n_dead == 0:
             return x_n.new_zeros((), dtype=torch.float32)
         ids = torch.nonzero_static(dead, size=n_dead).squeeze(1)
-        if fp32:
-            with _without_autocast(x_n.device):
-                z = F.linear(x_n.float() - self.b_dec.float(), self.W_enc[ids].float(), self.b_enc[ids].float())
-        else:
-            z = F.linear(x_n - self.b_dec, self.W_enc[ids], self.b_enc[ids])
+        with self.encoder_args(x_n, fp32) as (x, W, b, c):
+            z = F.linear(x - c, W[ids], b[ids])
         below = F.relu((0.0 if threshold is None else threshold[ids]) - z.float())
         return (below * self.W_dec[ids].norm(dim=1)).sum(1).mean()
 

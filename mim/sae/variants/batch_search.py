@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mim.sae.kernels import Selector, select_entries, threshold_linear
-from mim.sae.variants.base import _check, _without_autocast, host_ints
+from mim.sae.variants.base import _check, host_ints
 
 #: The searches of :class:`BatchSearch`.
 SEARCHES = ("auto", "threshold", "rows")
@@ -103,10 +103,9 @@ class BatchSearch:
         if cut is None or not float(cut) > 0:
             return None
         kn = self.k * len(x_n)
-        with _without_autocast(x_n.device):
-            rows, ids, z, values, indices = threshold_linear(
-                x_n.float() - self.b_dec.float(), self.W_enc.float(), self.b_enc.float(),
-                cut.float() * (1 - self.cut_margin), aux)
+        with self.encoder_args(x_n, True) as (x, W, b, c):
+            rows, ids, z, values, indices = threshold_linear(x, W, b, cut.float() * (1 - self.cut_margin), aux,
+                                                             center=c)
         if len(z) < kn:  # the cut fell below tau: a winner may be outside the pool
             return None
         keep = torch.zeros(len(z), dtype=torch.bool, device=z.device)
@@ -140,8 +139,8 @@ class BatchSearch:
             ids, z = indices[rows, slots], values[rows, slots]
         else:  # rows that may hold more winners than m: their whole rows join the pool, the cut is redone
             rows_o = torch.nonzero_static(over, size=n_over).squeeze(1)
-            with _without_autocast(x_n.device):
-                z_o = F.linear(x_n[rows_o].float() - self.b_dec.float(), self.W_enc.float(), self.b_enc.float())
+            with self.encoder_args(x_n[rows_o], True) as (x, W, b, c):
+                z_o = F.linear(x - c, W, b)
             pool = torch.cat([f.masked_fill(over[:, None], 0).flatten(), F.relu(z_o).flatten()])
             top = pool.topk(min(kn, pool.numel()), sorted=False)
             chosen = top.indices[top.values > 0]  # the fallback's own sync

@@ -19,7 +19,6 @@ from mim.sae.variants.base import (
     _check,
     _check_non_negative,
     _check_positive,
-    _without_autocast,
     batch_variance,
     squared_error,
     threshold_code,
@@ -77,13 +76,12 @@ class _ChoiceSAE(SparseAutoencoder):
         float32 ``= ReLU(z)`` there, differentiable in ``W_enc``, ``b_enc`` and ``b_dec``. ``z`` is computed
         once, in float32 (also under autocast) and without autograd; the backward touches only the P pairs
         (:func:`~mim.sae.kernels.attach_linear_grad_ragged`). Updates the inference threshold in training."""
-        with _without_autocast(x_n.device):
+        with self.encoder_args(x_n, True) as (x, W, b, c):
             with torch.no_grad():
-                z = F.linear(x_n.float() - self.b_dec, self.W_enc, self.b_enc)
+                z = F.linear(x - c, W, b)
                 rows, cols = (self.keep(z) & (z > 0)).nonzero(as_tuple=True)
                 offsets = torch.searchsorted(rows, torch.arange(len(z), device=z.device))
-            values = attach_linear_grad_ragged(x_n.float(), self.W_enc, self.b_enc, z[rows, cols], cols, rows, offsets,
-                                               center=self.b_dec)
+            values = attach_linear_grad_ragged(x, W, b, z[rows, cols], cols, rows, offsets, center=c)
         if self.training:
             self._update_threshold(cols, values.detach())
         return rows, cols, offsets, values
@@ -254,8 +252,8 @@ class FeatureChoiceSAE(_ChoiceSAE):
             self.last_full_latents = self.d_sae
             return None
         n, m = len(x_n), self.capacities(len(x_n))
-        with _without_autocast(x_n.device):
-            centred, W, b = x_n.float() - self.b_dec.float(), self.W_enc.float(), self.b_enc.float()
+        with self.encoder_args(x_n, True) as (x, W, b, c):
+            centred = x - c
             tok, lat, z = threshold_linear(centred, W, b, (1 - self.cut_margin) * cut)[:3]
             order = lat.argsort(stable=True)
             tok, lat, z = tok[order], lat[order], z[order]
