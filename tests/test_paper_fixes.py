@@ -139,6 +139,22 @@ def test_cae_patch_embedding_and_tokens_init_as_official():
     assert mae.encoder.patch_embed.proj.weight.abs().max() > 0.05  # Xavier bound sqrt(6 / 960) = 0.079
 
 
+def test_cae_encoder_init_does_not_depend_on_the_head():
+    """One seed gives one random-init encoder whatever the regressor and decoder: head ablations share the
+    random-init baseline row."""
+
+    def encoder(**head):
+        torch.manual_seed(0)
+        return CAE(backbone="vit_tiny_patch16_224", img_size=32, patch_size=16, backbone_kwargs={"depth": 2},
+                   **head).encoder.state_dict()  # fmt: skip
+
+    base = encoder(regressor_depth=1, decoder_depth=1)
+    heads = ({"regressor_depth": 4, "decoder_depth": 4}, {"regressor_depth": 1, "decoder_depth": 0, "num_heads": 6})
+    for head in heads:
+        other = encoder(**head)
+        assert all(torch.equal(base[name], other[name]) for name in base), head
+
+
 # -- BlockMask ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("grid", [(14, 14), (8, 8), (2, 2), (7, 5)])
 @pytest.mark.parametrize("ratio", [0.4, 0.5, 0.75])

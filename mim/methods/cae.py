@@ -31,7 +31,9 @@ gradient. Here the same module is simply run twice.
 Initialisation as official (``models/modeling_cae.py`` and ``modeling_cae_helper.py``): linear layers
 Xavier-uniform with zero bias, LayerNorm 1 / 0; the patch embedding's convolution, the cls token and the
 mask token ``trunc_normal(std=0.02)`` cut at +-0.02 (the helper's ``trunc_normal_(t, std)`` passes
-``a=-std, b=std``), conv bias 0.
+``a=-std, b=std``), conv bias 0. The encoder is initialised before the regressor, decoder, teacher or tokenizer
+is built, so its initial weights depend on the seed and the backbone only: runs that differ in the head share
+their random-init encoder (and its ``lr 0`` baseline).
 """
 
 from __future__ import annotations
@@ -129,15 +131,18 @@ def teacher_features(teacher: nn.Module, imgs: torch.Tensor, grid_hw: tuple[int,
     return feats.flatten(2).transpose(1, 2)
 
 
-def cae_init_embeddings_(encoder: nn.Module, mask_token: torch.Tensor, std: float = 0.02) -> None:
+def cae_init_embeddings_(encoder: nn.Module | None = None, mask_token: torch.Tensor | None = None,
+                         std: float = 0.02) -> None:
     """CAE's init of the patch embedding, the cls token and the mask token (official
     ``modeling_cae_helper.py``: ``trunc_normal_(t, std=0.02)`` with ``a=-std, b=std``, i.e. a normal of std
-    0.02 cut at +-0.02; conv bias 0). ``encoder``: a timm ``VisionTransformer``; ``mask_token``: any shape."""
+    0.02 cut at +-0.02; conv bias 0). ``encoder``: a timm ``VisionTransformer``; ``mask_token``: any shape;
+    either may be ``None`` (left alone)."""
     with torch.no_grad():
-        proj = encoder.patch_embed.proj
-        trunc_normal_(proj.weight, std=std, a=-std, b=std)
-        if proj.bias is not None:
-            proj.bias.zero_()
+        if encoder is not None:
+            proj = encoder.patch_embed.proj
+            trunc_normal_(proj.weight, std=std, a=-std, b=std)
+            if proj.bias is not None:
+                proj.bias.zero_()
         for token in (getattr(encoder, "cls_token", None), mask_token):
             if token is not None:
                 trunc_normal_(token, std=std, a=-std, b=std)
@@ -260,6 +265,10 @@ class CAE(PretrainModule):
         self.hparams["mask"] = mask_config(self.mask_generator)  # a config: --ckpt_path resumes
         self.patch_size, self.norm_pix_loss, self.align_weight = patch_size, norm_pix_loss, align_weight
         init_vit(self, backbone, img_size, patch_size, backbone_kwargs)
+        # The encoder's initial weights are drawn before any other part is built, so they depend on the seed and
+        # the backbone only: head ablations (depths, targets, teacher) share one random-init encoder.
+        mae_init_(self.encoder)  # as the official code, which re-initialises linear layers Xavier-uniform
+        cae_init_embeddings_(self.encoder)
         dim = self.encoder.embed_dim
         heads = num_heads or self.encoder.blocks[0].attn.num_heads
         if heads < 1 or dim % heads:
@@ -282,9 +291,9 @@ class CAE(PretrainModule):
         args = (heads, mlp_ratio, init_values, drop_path_rate)
         self.regressor = CAERegressor(self.grid_hw, dim, regressor_depth, *args)
         self.decoder = CAEDecoder(self.grid_hw, dim, out_dim, decoder_depth, *args)
-        for part in (self.encoder, self.regressor, self.decoder):  # not the teacher: its weights stay
-            mae_init_(part)  # as the official code, which re-initialises linear layers Xavier-uniform
-        cae_init_embeddings_(self.encoder, self.regressor.mask_token)
+        for part in (self.regressor, self.decoder):  # not the teacher: its weights stay
+            mae_init_(part)
+        cae_init_embeddings_(mask_token=self.regressor.mask_token)
 
     def train(self, mode: bool = True) -> "CAE":
         """As ``nn.Module.train``, but the teacher and the tokenizer always stay in eval mode."""
