@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mim.errors import UserError
-from mim.sae.kernels import select_linear, sparse_decode
+from mim.sae.kernels import sparse_decode
 from mim.sae.variants.base import (
     SAELoss,
     SparseAutoencoder,
@@ -173,8 +173,7 @@ class ArchetypalSAE(SparseAutoencoder):
 
     # --------------------------------------------------------------------------------------------- inference
     def _topk(self, x_n: torch.Tensor) -> SparseCode:
-        values, indices = select_linear(x_n, self.W_enc, self.b_enc,
-                                        lambda z: z.topk(self.k, dim=1, sorted=False), center=self.b_dec)
+        values, indices = self.select_pre_acts(x_n, lambda z: z.topk(self.k, dim=1, sorted=False))
         return SparseCode(F.relu(values), indices)
 
     def code(self, x_n: torch.Tensor) -> SparseCode:

@@ -583,8 +583,7 @@ class SupportStep:
         self.last_fallback = n_over > 0
         if n_over:  # rows that may hold more than `width` entries: their whole pre-activation rows
             rows_o = torch.nonzero_static(over, size=n_over).squeeze(1)
-            with self.encoder_args(x_n[rows_o], fp32) as (x, W, b, c):
-                z = F.linear(x - c, W, b)
+            z = self.pre_acts(x_n[rows_o], fp32)
             r, c = (z > (-margin if off is None else off - margin)).nonzero(as_tuple=True)
             rows, cols, vals = torch.cat([rows, rows_o[r]]), torch.cat([cols, c]), torch.cat([vals, z[r, c].to(vals.dtype)])
             order = rows.argsort(stable=True)

@@ -139,8 +139,7 @@ class BatchSearch:
             ids, z = indices[rows, slots], values[rows, slots]
         else:  # rows that may hold more winners than m: their whole rows join the pool, the cut is redone
             rows_o = torch.nonzero_static(over, size=n_over).squeeze(1)
-            with self.encoder_args(x_n[rows_o], True) as (x, W, b, c):
-                z_o = F.linear(x - c, W, b)
+            z_o = self.pre_acts(x_n[rows_o], True)
             pool = torch.cat([f.masked_fill(over[:, None], 0).flatten(), F.relu(z_o).flatten()])
             top = pool.topk(min(kn, pool.numel()), sorted=False)
             chosen = top.indices[top.values > 0]  # the fallback's own sync

@@ -10,7 +10,7 @@ from typing import ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
-from mim.sae.kernels import attach_linear_grad_ragged, ragged_decode, ragged_offsets, select_linear, threshold_linear
+from mim.sae.kernels import attach_linear_grad_ragged, ragged_decode, ragged_offsets, threshold_linear
 from mim.sae.variants.base import (
     RaggedCode,
     SAELoss,
@@ -129,8 +129,7 @@ class _ChoiceSAE(SparseAutoencoder):
     # ---------------------------------------------------------------------------------------------- inference
     def _topk_code(self, x_n: torch.Tensor) -> SparseCode:
         """Per-token TopK (``ReLU(TopK_k(z))``): the inference code until a training step set a threshold."""
-        values, indices = select_linear(x_n, self.W_enc, self.b_enc,
-                                        lambda z: z.topk(self.k, dim=1, sorted=False), center=self.b_dec)
+        values, indices = self.select_pre_acts(x_n, lambda z: z.topk(self.k, dim=1, sorted=False))
         return SparseCode(F.relu(values), indices)
 
     def _ema(self, old: torch.Tensor, new: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:

@@ -121,8 +121,7 @@ class MSAE(SparseAutoencoder):
 
     # ----------------------------------------------------------------------------------------------- inference
     def _topk(self, x_n: torch.Tensor, k: int) -> SparseCode:
-        values, indices = select_linear(x_n, self.W_enc, self.b_enc,
-                                        lambda z: z.topk(k, dim=1, sorted=True), center=self.b_dec)
+        values, indices = self.select_pre_acts(x_n, lambda z: z.topk(k, dim=1, sorted=True))
         return SparseCode(F.relu(values), indices)
 
     def code_k(self, x_n: torch.Tensor, k: int) -> SparseCode:
