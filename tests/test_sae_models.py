@@ -23,10 +23,10 @@ from mim.sae import (
     SparseAutoencoder,
     TopAFASAE,
     TopKSAE,
+    kernels,
     load_sae,
     save_sae,
 )
-from mim.sae import kernels
 from mim.sae.kernels import (
     LatentSort,
     attach_linear_grad_ragged,

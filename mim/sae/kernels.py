@@ -122,9 +122,9 @@ class LatentSort:
     A step's two weight gradients, ``d W_enc`` (encoder kernel) and ``d W_dec`` (decoder), sum over the entries of
     the same code sorted by latent; one ``LatentSort`` passed to both kernels (:func:`select_linear` and
     :func:`sparse_decode`, or the ragged pair) makes the second backward reuse the first's sort (a stable sort
-    and a search: about 1 ms for the 131,072 ids of a 4096-token TopK step on 2 CPU cores). It keeps the order of the last ``indices`` it was called with, keyed by
-    their storage, shape, strides and version: any other ids are sorted afresh, so a wrong pairing costs time,
-    never correctness. Make one per step.
+    and a search: about 1 ms for the 131,072 ids of a 4096-token TopK step on 2 CPU cores). It keeps the order of
+    the last ``indices`` it was called with, keyed by their storage, shape, strides and version: any other ids are
+    sorted afresh, so a wrong pairing costs time, never correctness. Make one per step.
     """
 
     def __init__(self) -> None:
