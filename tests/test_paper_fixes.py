@@ -139,6 +139,20 @@ def test_cae_patch_embedding_and_tokens_init_as_official():
     assert mae.encoder.patch_embed.proj.weight.abs().max() > 0.05  # Xavier bound sqrt(6 / 960) = 0.079
 
 
+def test_cae_embed_init_mae_scales_with_the_patch_fan_in():
+    """``embed_init="mae"``: Xavier-uniform patch projection (bound sqrt(6 / (48 + 192)) = 0.158 at patch 4),
+    cls token normal 0.02; the regressor's mask token keeps CAE's cut normal; an unknown value is one error."""
+    torch.manual_seed(0)
+    model = CAE(backbone="vit_tiny_patch16_224", img_size=32, patch_size=4, backbone_kwargs={"depth": 1},
+                regressor_depth=1, decoder_depth=1, embed_init="mae")  # fmt: skip
+    weight = model.encoder.patch_embed.proj.weight  # 192 x 48 values
+    assert weight.abs().max() <= 0.1582 and 0.08 < weight.std() < 0.1  # uniform(+-0.158): std 0.091
+    assert model.encoder.cls_token.abs().max() > 0.02  # 192 normals of std 0.02: some beyond one std
+    assert model.regressor.mask_token.abs().max() <= 0.02
+    with pytest.raises(ConfigError, match="embed_init"):
+        CAE(backbone="vit_tiny_patch16_224", img_size=32, patch_size=4, embed_init="xavier")
+
+
 def test_cae_encoder_init_does_not_depend_on_the_head():
     """One seed gives one random-init encoder whatever the regressor and decoder: head ablations share the
     random-init baseline row."""

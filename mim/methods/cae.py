@@ -154,6 +154,12 @@ class CAE(PretrainModule):
     Args:
         backbone, img_size, patch_size, backbone_kwargs: the encoder, as :class:`~mim.methods.MAE`
             (official ViT-B recipe: ``backbone_kwargs={"init_values": 0.1, "drop_path_rate": 0.1}``).
+        embed_init: the patch embedding's and cls token's initialisation. ``"cae"`` (official
+            ``modeling_cae_helper.py``): normal of std 0.02 cut at +-0.02, whatever the patch size; at patch 4
+            (48 inputs per patch, not ViT-B/16's 768) the patch content then enters the first block 4x weaker
+            next to the sin-cos position table than at ViT-B/16. ``"mae"`` (official MAE ``models_mae.py``):
+            Xavier-uniform on the flattened projection, which scales with the fan-in, and cls token normal 0.02.
+            The rest of the encoder is Xavier-uniform either way (both official codes).
         mask_ratio: fraction of patches masked, in (0, 1) (paper's pretraining settings and official
             scripts: 98 of 196 patches, 0.5).
         mask: mask-generator factory called as ``mask(mask_ratio)``; default BEiT-style block-wise
@@ -190,8 +196,8 @@ class CAE(PretrainModule):
             default betas, wd 0.05, 20 warmup epochs, min lr 1e-5; it also clips grads at 3.0).
 
     Raises:
-        ConfigError: bad encoder / mask ratio (as MAE), ``align_weight < 0``, ``regressor_depth < 1``,
-            ``decoder_depth < 0``, ``num_heads`` not dividing the width, ``mlp_ratio <= 0``,
+        ConfigError: bad encoder / mask ratio (as MAE), unknown ``embed_init``, ``align_weight < 0``,
+            ``regressor_depth < 1``, ``decoder_depth < 0``, ``num_heads`` not dividing the width, ``mlp_ratio <= 0``,
             ``drop_path_rate`` outside [0, 1), unknown teacher, missing or incomplete ``teacher_weights``, or a
             teacher that fails on ``img_size``-px images; an unknown ``target``, ``target="teacher"`` without a
             teacher (or a teacher with another target), ``target="dalle"`` without ``dalle_weights`` (or the
@@ -206,6 +212,7 @@ class CAE(PretrainModule):
         img_size: int = 224,
         patch_size: int = 16,
         backbone_kwargs: dict[str, Any] | None = None,
+        embed_init: Literal["cae", "mae"] = "cae",
         mask_ratio: float = 0.5,
         mask: Callable[[float], MaskGenerator] = BlockMask,
         regressor_depth: int = 4,
@@ -232,6 +239,8 @@ class CAE(PretrainModule):
         decay_tokens: bool = True,
     ) -> None:
         super().__init__(blr, lr, weight_decay, betas, warmup_epochs, min_lr, decay_tokens)
+        if embed_init not in ("cae", "mae"):
+            raise ConfigError(f"embed_init must be 'cae' or 'mae', got {embed_init!r}. Fix: 'cae' (the paper's).")
         if align_weight < 0:
             raise ConfigError(f"align_weight must be >= 0, got {align_weight}. Fix: e.g. 2 (the paper's).")
         if regressor_depth < 1 or decoder_depth < 0:
@@ -268,7 +277,8 @@ class CAE(PretrainModule):
         # The encoder's initial weights are drawn before any other part is built, so they depend on the seed and
         # the backbone only: head ablations (depths, targets, teacher) share one random-init encoder.
         mae_init_(self.encoder)  # as the official code, which re-initialises linear layers Xavier-uniform
-        cae_init_embeddings_(self.encoder)
+        if embed_init == "cae":
+            cae_init_embeddings_(self.encoder)
         dim = self.encoder.embed_dim
         heads = num_heads or self.encoder.blocks[0].attn.num_heads
         if heads < 1 or dim % heads:
