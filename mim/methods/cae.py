@@ -240,7 +240,10 @@ class CAE(PretrainModule):
     ) -> None:
         super().__init__(blr, lr, weight_decay, betas, warmup_epochs, min_lr, decay_tokens)
         if embed_init not in ("cae", "mae"):
-            raise ConfigError(f"embed_init must be 'cae' or 'mae', got {embed_init!r}. Fix: 'cae' (the paper's).")
+            raise ConfigError(
+                f"embed_init must be 'cae' or 'mae', got {embed_init!r}. "
+                "Fix: --model.init_args.embed_init cae (the paper's) or mae."
+            )
         if align_weight < 0:
             raise ConfigError(f"align_weight must be >= 0, got {align_weight}. Fix: e.g. 2 (the paper's).")
         if regressor_depth < 1 or decoder_depth < 0:
