@@ -162,3 +162,19 @@ def test_fit_from_quick_yaml_writes_checkpoint_png_and_loadable_encoder(tmp_path
     reloaded = load_encoder(weights).eval()
     for key, value in cli.model.encoder.state_dict().items():
         assert torch.equal(reloaded.state_dict()[key], value), key
+    assert json.loads(weights.with_suffix(".json").read_text())["model_kwargs"]["init_values"] == 0.1
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs" / "cae").glob("*.yaml")), ids=lambda c: c.stem)
+def test_every_cae_config_gives_the_encoder_layer_scale_0_1(config):
+    """The official recipe's encoder LayerScale (``--layer_scale_init_value 0.1``, Atten4Vis/CAE
+    ``scripts/cae_base_800e.sh``) in every shipped CAE config; the encoder init (``mae_init_``) keeps it at 0.1."""
+    import yaml
+
+    init_args = yaml.safe_load(config.read_text())["model"]["init_args"]
+    assert init_args["backbone_kwargs"]["init_values"] == 0.1
+    torch.manual_seed(0)
+    model = CAE(**SMALL, backbone_kwargs={"init_values": init_args["backbone_kwargs"]["init_values"], "depth": 2})
+    for block in model.encoder.blocks:
+        for gamma in (block.ls1.gamma, block.ls2.gamma):
+            assert torch.equal(gamma, torch.full_like(gamma, 0.1))
