@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import socket
@@ -14,6 +15,22 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 #: Two CPU processes over gloo: how the tests run what users run on several GPUs.
 DDP = ("--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2")
+
+
+def load_tool(name: str):
+    """Import ``tools/<name>.py`` (a standalone script, not a package module) and return the module."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_tool(name: str, *args: str, timeout: float = 300) -> str:
+    """Run ``python tools/<name>.py *args`` as a user does, inside ``timeout`` seconds; its stdout (a non-zero exit
+    raises ``CalledProcessError``)."""
+    tool = REPO / "tools" / f"{name}.py"
+    return subprocess.run([sys.executable, str(tool), *args], capture_output=True, text=True, timeout=timeout,
+                          check=True).stdout
 
 
 def free_port() -> int:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -12,6 +11,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from cli_run import load_tool
 
 from mim.cli import cli_main
 from mim.features.store import FeatureStore, FeatureStoreError
@@ -207,9 +207,7 @@ def test_gallery_from_cache_is_identical(cache, store, sae, sae_stores, shared_d
         viz.latent_activations(other, store, cache=cache)
     with pytest.raises(LatentCacheError, match="another feature store"):
         viz.latent_activations(sae, FeatureStore(sae_stores[1]), cache=cache)
-    spec = importlib.util.spec_from_file_location("sae_gallery", REPO / "tools" / "sae_gallery.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("sae_gallery")
     paths = tool.main(["--cache", str(cache.path), "--store", str(sae_stores[0]), "--data-root", str(shared_data),
                        "--out", str(tmp_path / "gallery"), "--latents", "3", "--top", "4"])
     assert paths[0].name == "latent_00003.png" and paths[-1].name == "index.html" and all(p.is_file() for p in paths)

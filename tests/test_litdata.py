@@ -4,7 +4,6 @@ Lightning checkpoint), and a MAE ``Trainer.fit`` reading them."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import shutil
@@ -20,6 +19,7 @@ from torch.utils.data import DataLoader
 
 pytest.importorskip("litdata", reason="the [stream] extra: pip install -e '.[stream]'")
 
+from cli_run import load_tool
 from litdata import StreamingDataset  # noqa: E402
 
 from mim.data import BadImageError, DatasetNotFoundError, ImageDataModule  # noqa: E402
@@ -34,7 +34,6 @@ from mim.data.litdata import (  # noqa: E402
 from mim.errors import ConfigError  # noqa: E402
 from mim.methods import MAE  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 PER_CLASS = 20  # 200 train + 200 val images
 MAE_TINY = dict(backbone="vit_tiny_patch16_224", img_size=32, patch_size=4, backbone_kwargs={"depth": 2},
                 decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, warmup_epochs=0.0)
@@ -236,9 +235,7 @@ def test_bad_images_stop_or_are_skipped_at_conversion(tmp_path, shared_data):
 
 
 def test_cli_and_user_errors(tmp_path, shared_data, capsys):
-    spec = importlib.util.spec_from_file_location("to_litdata", REPO / "tools" / "to_litdata.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("to_litdata")
     out = tmp_path / "c10"
     metas = tool.main(["--folder", str(shared_data / "cifar10" / "test"), "--out", str(out / "val"), "--split", "val",
                        "--limit-per-class", "2", "--num-workers", "1", "--quiet"])

@@ -1,6 +1,7 @@
 import lightning as L
 import pytest
 import torch
+from cli_run import load_tool, run_tool
 
 from mim.data import ImageDataModule
 from mim.errors import ConfigError
@@ -166,38 +167,21 @@ def test_probes_and_knn_share_one_encoder_pass_per_batch(tmp_path, shared_data, 
 
 def test_converged_probe_tool_prints_one_row_per_encoder_and_weight_decay(shared_data):
     """``tools/converged_probe.py`` on real CIFAR-10 images (50 train, 20 test) with a random-init timm ViT."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    tool = Path(__file__).resolve().parents[1] / "tools" / "converged_probe.py"
-    out = subprocess.run(
-        [sys.executable, str(tool), "timm:vit_tiny_patch16_224", "--model-kwargs", '{"img_size": 32, "patch_size": 4}',
-         "--root", str(shared_data), "--limit-per-class", "5", "--val-limit-per-class", "2",
-         "--weight-decay", "1e-4", "1e-2", "--batch-size", "10"],
-        capture_output=True, text=True, timeout=300, check=True,
-    ).stdout
+    out = run_tool(
+        "converged_probe", "timm:vit_tiny_patch16_224", "--model-kwargs", '{"img_size": 32, "patch_size": 4}',
+        "--root", str(shared_data), "--limit-per-class", "5", "--val-limit-per-class", "2",
+        "--weight-decay", "1e-4", "1e-2", "--batch-size", "10",
+    )
     rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| timm:")]
     assert [r[1].strip() for r in rows] == ["0.0001", "0.01"]
     for _, _, train, test in rows:
         assert 0 <= float(test) <= 100 and float(train) > 50  # 50 images in 192 dims: the probe fits them
 
 
-def _tool(name: str):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_token_variance_shares_and_participation_ratio_on_known_tokens():
     """Tokens that depend on the position only, or on the image only, put all variance in that share; the
     participation ratio is 1 for features on one line and about D for isotropic ones."""
-    tv = _tool("token_variance")
+    tv = load_tool("token_variance")
     torch.manual_seed(0)
     by_position = torch.randn(1, 16, 8).expand(32, 16, 8)
     by_image = torch.randn(32, 1, 8).expand(32, 16, 8)
@@ -212,16 +196,10 @@ def test_token_variance_shares_and_participation_ratio_on_known_tokens():
 def test_token_variance_tool_prints_one_row_per_encoder(shared_data):
     """``tools/token_variance.py`` on real CIFAR-10 test images (20) with a random-init timm ViT: the three
     shares of each reported block add up to 1."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    tool = Path(__file__).resolve().parents[1] / "tools" / "token_variance.py"
-    out = subprocess.run(
-        [sys.executable, str(tool), "timm:vit_tiny_patch16_224", "--model-kwargs",
-         '{"img_size": 32, "patch_size": 4, "depth": 4}', "--root", str(shared_data), "--images-per-class", "2"],
-        capture_output=True, text=True, timeout=300, check=True,
-    ).stdout
+    out = run_tool(
+        "token_variance", "timm:vit_tiny_patch16_224", "--model-kwargs",
+        '{"img_size": 32, "patch_size": 4, "depth": 4}', "--root", str(shared_data), "--images-per-class", "2",
+    )
     rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| timm:")]
     assert len(rows) == 1 and out.startswith("20 test images")
     shares = [[float(v) for v in col.split("/")] for col in rows[0][1:4]]

@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cli_run import load_tool
 from PIL import Image
 
 from mim.errors import ConfigError
@@ -19,7 +18,6 @@ from mim.sae import viz
 from mim.sae.models import save_sae
 from mim.sae.variants import TopKSAE
 
-REPO = Path(__file__).resolve().parents[1]
 N_TOP, N_LATENTS = 5, 4
 
 
@@ -170,9 +168,7 @@ def test_gallery_files(acts, dataset, tmp_path):
 
 
 def test_cli_end_to_end(store, sae, sae_stores, shared_data, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("sae_gallery", REPO / "tools" / "sae_gallery.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("sae_gallery")
     weights = save_sae(sae, tmp_path / "sae.safetensors")
     out = tmp_path / "cli"
     paths = tool.main(["--sae", str(weights), "--store", str(sae_stores[0]), "--data-root", str(shared_data),
