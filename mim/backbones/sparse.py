@@ -11,7 +11,9 @@ patching). For one forward :class:`SparseEncoder` enters :func:`active_sites`, a
 
 - ``conv2d`` / ``linear`` (on ``(B, H, W, C)`` maps) / ``layer_norm`` / pooling: output zeroed
   outside the active set at that scale (backend ``"masked"``, the official approach: dense
-  convolution, then re-masking, official ``pretrain/encoder.py``), or, for ``conv2d`` with backend
+  convolution, then re-masking, official ``pretrain/encoder.py``; the convolution is
+  :func:`mim.backbones.tap_conv.conv2d`, ATen's with a GEMM weight gradient on CPU maps of up to 4x4
+  sites), or, for ``conv2d`` with backend
   ``"spconv"``, a true sparse convolution on the active sites (:mod:`mim.backbones.spconv_backend`);
 - ``batch_norm``: mean and variance over the active sites only, reduced across ranks under DDP.
 
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from mim.backbones import tap_conv
 from mim.backbones.vit import check_model_name
 from mim.errors import ConfigError
 
@@ -225,7 +228,7 @@ class _ActiveSites(TorchFunctionMode):
     def _conv2d(self, func: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.conv is not None:
             return self.conv(*args, sites=self.sites, cache=self._conv_cache, **kwargs)
-        return self._mask_nchw(func(*args, **kwargs))
+        return self._mask_nchw(tap_conv.conv2d(*args, **kwargs))
 
     def _channels_first(self, func: Any, *args: Any, **kwargs: Any) -> Any:
         out = func(*args, **kwargs)

@@ -6,6 +6,9 @@ projection maps them to the decoder width of that scale (1x1 at the coarsest, 3x
 official ``pretrain/spark.py``). The decoder is a light UNet: upsampling blocks from stride 32 to 1,
 widths halving, the densified map of each scale added before its block (official
 ``pretrain/decoder.py``: ``ConvTranspose2d(4, 2, 1)`` then two 3x3 convs with BN and ReLU6).
+
+The (transposed) convolutions are :class:`mim.backbones.tap_conv.TapConv2d` / ``TapConvTranspose2d``: the
+``nn`` layers with the same parameters, whose weight gradient on CPU maps of up to 4x4 sites is a few GEMMs.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from timm.layers import LayerNorm2d, trunc_normal_
 from torch import nn
 
 from mim.backbones.sparse import MASK_STRIDE, active_sites, upsample_active
+from mim.backbones.tap_conv import TapConv2d, TapConvTranspose2d
 
 DensifyNorm = Literal["bn", "ln", "none"]
 
@@ -30,11 +34,11 @@ class UNetBlock(nn.Sequential):
 
     def __init__(self, cin: int, cout: int) -> None:
         super().__init__(
-            nn.ConvTranspose2d(cin, cin, kernel_size=4, stride=2, padding=1),
-            nn.Conv2d(cin, cin, kernel_size=3, padding=1, bias=False),
+            TapConvTranspose2d(cin, cin, kernel_size=4, stride=2, padding=1),
+            TapConv2d(cin, cin, kernel_size=3, padding=1, bias=False),
             nn.BatchNorm2d(cin),
             nn.ReLU6(inplace=True),
-            nn.Conv2d(cin, cout, kernel_size=3, padding=1, bias=False),
+            TapConv2d(cin, cout, kernel_size=3, padding=1, bias=False),
             nn.BatchNorm2d(cout),
         )
 
@@ -76,9 +80,10 @@ class SparKDecoder(nn.Module):
         self.norms = nn.ModuleList(_densify_norm(densify_norm, c) for c in coarse_first)
         self.mask_tokens = nn.ParameterList(nn.Parameter(torch.zeros(1, c, 1, 1)) for c in coarse_first)
         self.projs = nn.ModuleList(
-            nn.Identity() if i == 0 and c == widths[0] else nn.Conv2d(c, widths[i], 1 if i == 0 else 3, padding=0 if i == 0 else 1)
+            nn.Identity() if i == 0 and c == widths[0]
+            else TapConv2d(c, widths[i], 3 if i else 1, padding=1 if i else 0)  # 1x1 at the coarsest scale, else 3x3
             for i, c in enumerate(coarse_first)
-        )  # fmt: skip
+        )
         self.blocks = nn.ModuleList(UNetBlock(cin, cout) for cin, cout in zip(widths[:-1], widths[1:]))
         self.head = nn.Conv2d(widths[-1], out_chans, kernel_size=1)
         self._init_weights()

@@ -78,7 +78,8 @@ class SparK(PretrainModule):
             ``torch.channels_last`` (NHWC) memory format, a layout only: the same loss and gradients
             to float32 rounding (``tests/test_spark_speed.py``). Faster on CPU (oneDNN convolutions:
             with the sparse BN's fused sums, a ResNet-18 step 0.78-0.80x / 0.72-0.76x the official NCHW
-            code's at 64 / 224 px on 2 idle CPU cores, ``tools/bench_spark.py --official``); NHWC is
+            code's at 64 / 224 px on 2 idle CPU cores, ``tools/bench_spark.py --official``; at 64 px the
+            per-tap weight gradient of :mod:`mim.backbones.tap_conv` takes another 5-10 % off); NHWC is
             cuDNN's preferred layout too (not measured here). The official code runs NCHW.
 
     Raises:
