@@ -30,7 +30,7 @@ parameter gradient (relative L2 difference < 1e-6; in float32 the gradients of t
 relative rounding in either code), printing the differences and ``MISMATCH`` (exit status 1); then it times fwd+bwd steps of the dense
 supervised pass, the official SparK, mim with ``channels_last=False`` and mim's default
 (``channels_last=True``), interleaved step by step in one process, and prints the medians, their ratio to
-the official one, and the median of the per-step ratios to the official step timed next to it ("paired"):
+the official one, and the median of the per-step ratios to the official step of the same round ("paired"):
 
     git --git-dir <bare SparK clone> archive HEAD pretrain | tar -x -C /tmp/spark_official
     python tools/bench_spark.py --official /tmp/spark_official --sizes 64 224 --repeats 5
@@ -294,7 +294,7 @@ def compare_official(args: argparse.Namespace) -> int:
                     times[name].append(1000 * (time.perf_counter() - start))
             print(f"  {size} px: step {rep + 1}/{args.warmup + args.repeats}", file=sys.stderr, flush=True)
         med = {name: statistics.median(t) for name, t in times.items()}
-        # each step against the official step timed next to it: robust to the host's speed drifting over the run
+        # each step against the official step of the same round: robust to the host's speed drifting over the run
         paired = {name: statistics.median(a / b for a, b in zip(t, times["official"])) for name, t in times.items()}
         masked = f"{int(mask[0].sum())}/{mask.shape[1]}"
         labels_ = {"dense": "dense supervised pass (timm, NCHW)", "official": "official SparK (keyu-tian/SparK)",
