@@ -1,6 +1,7 @@
 """SparK's speed options change no result: ``channels_last`` on / off, the fused masked-BN backward
-against the einsum formula it replaced, and the per-tap weight gradient of the small maps' convolutions
-against ATen's give the same loss, parameter gradients and BN statistics."""
+against the einsum formula it replaced, the per-tap weight gradient of the small maps' convolutions
+against ATen's, and the decoder's fused (B*H*W, C) batch norm + ReLU6 against ``nn.BatchNorm2d`` give the same
+loss, parameter gradients and BN statistics."""
 
 import copy
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mim import sync_batchnorm
 from mim.backbones import sparse, tap_conv
 from mim.backbones.sparse import MASK_STRIDE, upsample_active
 from mim.methods import SparK
@@ -47,6 +49,17 @@ def _step(model, imgs, mask):
 
 def _relative_error(value: torch.Tensor, truth: torch.Tensor) -> float:
     return ((value.double() - truth).norm() / truth.norm().clamp_min(1e-30)).item()
+
+
+def _assert_same_step(step, reference):
+    """Two float64 :func:`_step` results: the same loss (1e-12), gradients and buffers (1e-10)."""
+    (loss, grads, bufs), (ref_loss, ref_grads, ref_bufs) = step, reference
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+    for n, ref in ref_grads.items():
+        if ref is not None:
+            assert _relative_error(grads[n], ref) < 1e-10, n
+    for n, ref in ref_bufs.items():
+        torch.testing.assert_close(bufs[n], ref, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("backbone, batch", [("resnet18", 8), ("convnext_atto", 4)])  # float64 depthwise convs are slow
@@ -110,14 +123,28 @@ def test_tap_weight_gradient_changes_no_spark_result(cifar_batch, monkeypatch):
     assert sorted(calls) == sorted([(2, 2)] * 6 + [(4, 4)] * 9 + [(8, 8)]), calls
     monkeypatch.setattr(tap_conv, "MAX_TAP_SITES", 0)
     calls.clear()
-    ref_loss, ref_grads, ref_bufs = _step(model, imgs, mask)
+    reference = _step(model, imgs, mask)
     assert not calls
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
-    for n, ref in ref_grads.items():
-        if ref is not None:
-            assert _relative_error(grads[n], ref) < 1e-10, n
-    for n, ref in ref_bufs.items():
-        torch.testing.assert_close(bufs[n], ref, rtol=1e-10, atol=1e-12)
+    _assert_same_step((loss, grads, bufs), reference)
+
+
+def test_decoder_rows_batch_norm_changes_no_spark_result(cifar_batch, monkeypatch):
+    """On 8 real CIFAR-10 images at 64 px (ResNet-18, decoder width 64, channels_last): the decoder's 10 norms (2
+    per UNet block) take the (B*H*W, C) path, the first of each with ReLU6 fused, and every gradient and buffer
+    equals the step with ATen's ``channels_last`` batch norm and ReLU6 (float64 to 1e-10)."""
+    imgs = F.interpolate(cifar_batch[0][:8], scale_factor=2, mode="bilinear", align_corners=False).double()
+    model = SparK("resnet18", img_size=64, decoder_width=64).double()
+    mask = model.sample_mask(8, torch.Generator().manual_seed(0))
+    calls = []
+    apply = sync_batchnorm._RowsBatchNorm.apply
+    monkeypatch.setattr(sync_batchnorm._RowsBatchNorm, "apply", lambda *a: calls.append(a[-1]) or apply(*a))
+    loss, grads, bufs = _step(model, imgs, mask)
+    assert calls == [(0.0, 6.0), None] * 5, calls
+    monkeypatch.setattr(sync_batchnorm, "_channels_last", lambda x: False)
+    calls.clear()
+    reference = _step(model, imgs, mask)
+    assert not calls
+    _assert_same_step((loss, grads, bufs), reference)
 
 
 def test_sparse_encoder_in_channels_last_keeps_the_active_sites(cifar_batch):

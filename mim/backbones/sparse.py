@@ -174,15 +174,16 @@ def _fused_grad_sums(g: torch.Tensor, centred: torch.Tensor, a: torch.Tensor) ->
     return grad_a, sum_gc
 
 
-def _eval_bn_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, output_mask: list[bool]
-                      ) -> tuple[torch.Tensor | None, ...]:
-    """ATen's eval-mode batch-norm backward with running mean 0, running variance 1 and eps 0 (so its ``invstd`` is
-    exactly 1): ``(dy * weight, sum(dy * x), sum(dy))`` over dims 0, 2, 3, fused, for any memory format, on CPU
-    and CUDA; the outputs ``output_mask`` leaves out are ``None``."""
-    zeros = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device)
-    ones = torch.ones_like(zeros)
+def _eval_bn_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, output_mask: list[bool],
+                      mean: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
+    """ATen's eval-mode batch-norm backward with running mean ``mean`` (default 0), running variance 1 and eps 0
+    (so its ``invstd`` is exactly 1): ``(dy * weight, sum(dy * (x - mean)), sum(dy))`` over every dim but 1,
+    fused, for any memory format and for ``(N, C)`` matrices, on CPU and CUDA; the outputs ``output_mask`` leaves
+    out are ``None``."""
+    ones = torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
+    mean = torch.zeros_like(ones) if mean is None else mean
     return torch.ops.aten.native_batch_norm_backward(
-        dy, x, weight, zeros, ones, None, None, False, 0.0, output_mask
+        dy, x, weight, mean, ones, None, None, False, 0.0, output_mask
     )
 
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from mim.backbones.sparse import MASK_STRIDE, active_sites, upsample_active
 from mim.backbones.tap_conv import TapConv2d, TapConvTranspose2d
+from mim.sync_batchnorm import SyncedBatchNorm
 
 DensifyNorm = Literal["bn", "ln", "none"]
 
@@ -29,17 +30,19 @@ DensifyNorm = Literal["bn", "ln", "none"]
 class UNetBlock(nn.Sequential):
     """2x upsampling: ``ConvTranspose2d(cin, cin, 4, 2, 1)``, conv3x3-BN-ReLU6, conv3x3-BN.
 
-    ``(B, cin, h, w)`` -> ``(B, cout, 2h, 2w)``.
+    ``(B, cin, h, w)`` -> ``(B, cout, 2h, 2w)``. The norms are :class:`mim.sync_batchnorm.SyncedBatchNorm`
+    (statistics over all ranks under DDP, as the official ``SyncBatchNorm``); the ReLU6 is fused into the
+    first one, and index 3 is an ``nn.Identity`` so that the state dict keeps the official block's layout.
     """
 
     def __init__(self, cin: int, cout: int) -> None:
         super().__init__(
             TapConvTranspose2d(cin, cin, kernel_size=4, stride=2, padding=1),
             TapConv2d(cin, cin, kernel_size=3, padding=1, bias=False),
-            nn.BatchNorm2d(cin),
-            nn.ReLU6(inplace=True),
+            SyncedBatchNorm(cin, clamp=(0.0, 6.0)),  # BN, then ReLU6
+            nn.Identity(),
             TapConv2d(cin, cout, kernel_size=3, padding=1, bias=False),
-            nn.BatchNorm2d(cout),
+            SyncedBatchNorm(cout),
         )
 
 

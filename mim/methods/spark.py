@@ -27,7 +27,6 @@ from mim.methods.base import PretrainModule
 from mim.methods.mae import denormalize_patches, masked_mse, pixel_target
 from mim.optim import lr_wd_annealing, weight_decay_groups
 from mim.patches import mask_to_pixels, patchify, unpatchify
-from mim.sync_batchnorm import SyncedBatchNorm
 
 
 #: Name substrings without weight decay (official ``main.py``: ``get_param_groups(model, nowd_keys={'cls_token',
@@ -163,9 +162,6 @@ class SparK(PretrainModule):
             uses_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.encoder.modules())
             densify_norm = "bn" if uses_bn else "ln"
         self.decoder = SparKDecoder(self.sparse_encoder.channels, width=decoder_width, densify_norm=densify_norm)
-        # The UNet's BN statistics span all ranks under DDP (official: SyncBatchNorm), on CPU too; the encoder's
-        # and the densify norms' sparse BN reduce theirs across ranks themselves.
-        SyncedBatchNorm.convert(self.decoder.blocks)
         self.channels_last = bool(channels_last)
         if self.channels_last:  # conv weights (and the 4-D mask tokens) NHWC; .to(device) keeps the layout
             self.sparse_encoder.to(memory_format=torch.channels_last)
