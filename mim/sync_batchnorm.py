@@ -2,8 +2,9 @@
 
 ``torch.nn.SyncBatchNorm`` refuses CPU tensors; this one reduces the counts, moments and gradient sums across
 ranks (in :func:`mim.backbones.sparse.masked_batch_norm` with every site active, or in the fused path below), so
-it is exactly ``BatchNorm`` over the batch of all ranks together. SparK's decoder uses it (the official code converts its decoder to
-``SyncBatchNorm`` under DDP, keyu-tian/SparK ``pretrain/main.py``), and so does the online probe's head.
+it is exactly ``BatchNorm`` over the batch of all ranks together. SparK's decoder uses it (the official code
+converts its decoder to ``SyncBatchNorm`` under DDP, keyu-tian/SparK ``pretrain/main.py``), and so does the
+online probe's head.
 
 On CPU ``channels_last`` maps it also trains faster than ``nn.BatchNorm2d``: ATen's ``channels_last`` kernels
 loop over the ``B*H*W`` rows a few channels at a time, so SparK's last decoder blocks (12-48 channels on
@@ -21,15 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from mim.backbones.sparse import _all_reduce_, _eval_bn_backward, masked_batch_norm
+from mim.backbones.sparse import _all_reduce_, _distributed, _eval_bn_backward, masked_batch_norm
 
 #: Columns the ``(B*H*W, C)`` rows are folded to (``C`` times a power of two, while it divides ``B*H*W``).
 FOLD_COLUMNS = 192
-
-
-def _distributed() -> bool:
-    dist = torch.distributed
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _fold(rows: int, channels: int) -> int:
