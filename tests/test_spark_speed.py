@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mim import sync_batchnorm
-from mim.backbones import sparse, tap_conv
+from mim.backbones import active_conv, sparse, tap_conv
 from mim.backbones.sparse import MASK_STRIDE, upsample_active
 from mim.methods import SparK
 from mim.methods.mae import pixel_target
@@ -104,10 +104,12 @@ def test_tap_weight_gradient_changes_no_spark_result(cifar_batch, monkeypatch):
     """On 8 real CIFAR-10 images at 64 px (ResNet-18, decoder width 64, channels_last): the convolutions on the
     2x2 and 4x4 maps (encoder stages 3-4, the decoder's densify projections, first block and first two
     upsamplings) take the per-tap weight gradient, and every gradient equals the step with ATen's weight
-    gradient (float64 to 1e-10)."""
+    gradient (float64 to 1e-10). The encoder takes this path where the active-site convolution does not (NCHW
+    maps, masks above ``active_conv.MAX_ACTIVE_FRACTION``): that one is switched off here."""
     imgs = F.interpolate(cifar_batch[0][:8], scale_factor=2, mode="bilinear", align_corners=False).double()
     model = SparK("resnet18", img_size=64, decoder_width=64).double()
     mask = model.sample_mask(8, torch.Generator().manual_seed(0))
+    monkeypatch.setattr(active_conv, "MAX_ACTIVE_FRACTION", -1.0)
     calls = []
     backward = tap_conv._TapConv2d.backward
 
@@ -141,6 +143,49 @@ def test_decoder_rows_batch_norm_changes_no_spark_result(cifar_batch, monkeypatc
     loss, grads, bufs = _step(model, imgs, mask)
     assert calls == [(0.0, 6.0), None] * 5, calls
     monkeypatch.setattr(sync_batchnorm, "_channels_last", lambda x: False)
+    calls.clear()
+    reference = _step(model, imgs, mask)
+    assert not calls
+    _assert_same_step((loss, grads, bufs), reference)
+
+
+def test_shifted_weight_gradient_changes_no_spark_result(cifar_batch, monkeypatch):
+    """On 8 real CIFAR-10 images at 64 px (ResNet-18, decoder width 64, channels_last), with the shifted-rows
+    thresholds lowered to every map: the decoder's 14 stride-1 convolutions (4 densify projections, the 5 blocks'
+    two) take it, and every gradient equals the step with ATen's weight gradient (float64 to 1e-10)."""
+    imgs = F.interpolate(cifar_batch[0][:8], scale_factor=2, mode="bilinear", align_corners=False).double()
+    model = SparK("resnet18", img_size=64, decoder_width=64).double()
+    mask = model.sample_mask(8, torch.Generator().manual_seed(0))
+    monkeypatch.setattr(tap_conv, "MIN_SHIFT_CHANNELS", 1)
+    monkeypatch.setattr(tap_conv, "MIN_SHIFT_SITES", 1)
+    calls = []
+    shifted = tap_conv.shifted_weight_grad
+    monkeypatch.setattr(tap_conv, "shifted_weight_grad", lambda *a: calls.append(tuple(a[0].shape[-2:])) or shifted(*a))
+    loss, grads, bufs = _step(model, imgs, mask)
+    # densify projections at 2x2 (1x1 kernel) .. 16x16, the blocks' convolutions at 4x4 .. 64x64
+    assert sorted(calls) == [(2, 2)] + [(4, 4)] * 3 + [(8, 8)] * 3 + [(16, 16)] * 3 + [(32, 32)] * 2 + [(64, 64)] * 2
+    monkeypatch.setattr(tap_conv, "MIN_SHIFT_CHANNELS", 10**9)
+    calls.clear()
+    reference = _step(model, imgs, mask)
+    assert not calls
+    _assert_same_step((loss, grads, bufs), reference)
+
+
+@pytest.mark.parametrize("size", [64, 224])
+def test_active_site_convolutions_change_no_spark_result(size, cifar_batch, monkeypatch):
+    """On real CIFAR-10 images (8 at 64 px, 2 at 224 px; ResNet-18, decoder width 64, channels_last), all 20 encoder
+    convolutions (stem, 16 in the blocks, 3 shortcuts) run at the active sites only, and the loss, every gradient
+    and buffer equal the step with the dense convolutions plus re-masking (float64 to 1e-10)."""
+    batch = 8 if size == 64 else 2
+    imgs = F.interpolate(cifar_batch[0][:batch], size=size, mode="bilinear", align_corners=False).double()
+    model = SparK("resnet18", img_size=size, decoder_width=64).double()
+    mask = model.sample_mask(batch, torch.Generator().manual_seed(0))
+    calls = []
+    apply = active_conv._ActiveConv2d.apply
+    monkeypatch.setattr(active_conv._ActiveConv2d, "apply", lambda *a: calls.append(a[-1].fraction) or apply(*a))
+    loss, grads, bufs = _step(model, imgs, mask)
+    assert len(calls) == 20 and all(0 < f <= active_conv.MAX_ACTIVE_FRACTION for f in calls), calls
+    monkeypatch.setattr(active_conv, "MAX_ACTIVE_FRACTION", -1.0)
     calls.clear()
     reference = _step(model, imgs, mask)
     assert not calls

@@ -120,3 +120,68 @@ def test_tap_layers_are_drop_in_nn_layers(cls, ref_cls, kwargs, monkeypatch):
     assert type(ours(x).grad_fn).__name__ == TAP
     monkeypatch.setattr(tap_conv, "MAX_TAP_SITES", 0)
     assert type(ours(x).grad_fn).__name__ == "ConvolutionBackward0"
+
+
+SHIFT_CASES = [  # (c_in, c_out, (h, w), kernel, padding, dilation), all stride 1
+    (6, 5, (7, 9), 3, 1, 1),  # 3x3, non-square map
+    (6, 4, (6, 6), (3, 2), (1, 0), 1),  # non-square kernel and padding
+    (5, 3, (8, 7), 3, 2, 2),  # dilated
+    (4, 6, (5, 5), 1, 0, 1),  # 1x1
+    (4, 3, (5, 6), 3, 0, 1),  # no padding
+]
+
+
+@pytest.mark.parametrize("chunk", [1 << 22, 7])  # one chunk; chunks of 1 row, split across images
+@pytest.mark.parametrize("case", SHIFT_CASES)
+def test_shifted_weight_grad_equals_f_conv2d_in_float64(case, chunk, monkeypatch):
+    """With the thresholds lowered so these small maps take it, the shifted-rows weight gradient, the input gradient
+    and the output equal ATen's to 1e-12 (float64, channels_last), in one chunk and in chunks of one row."""
+    monkeypatch.setattr(tap_conv, "MIN_SHIFT_CHANNELS", 1)
+    monkeypatch.setattr(tap_conv, "MIN_SHIFT_SITES", 1)
+    monkeypatch.setattr(tap_conv, "MAX_TAP_SITES", 0)
+    monkeypatch.setattr(tap_conv, "SHIFT_CHUNK_ELEMENTS", chunk)
+    calls = []
+    shifted = tap_conv.shifted_weight_grad
+    monkeypatch.setattr(tap_conv, "shifted_weight_grad", lambda *a: calls.append(1) or shifted(*a))
+    c_in, c_out, size, kernel, padding, dilation = case
+    g = torch.Generator().manual_seed(3)
+    kh, kw = kernel if isinstance(kernel, tuple) else (kernel, kernel)
+    cl = torch.channels_last
+    x = torch.randn(3, c_in, *size, generator=g, dtype=torch.float64).contiguous(memory_format=cl)
+    w = torch.randn(c_out, c_in, kh, kw, generator=g, dtype=torch.float64).contiguous(memory_format=cl)
+    b = torch.randn(c_out, generator=g, dtype=torch.float64)
+    out, ours = _grads(conv2d, x, w, b, 1, padding, dilation)
+    assert type(out.grad_fn).__name__ == TAP and calls == [1]
+    _, ref = _grads(F.conv2d, x, w, b, 1, padding, dilation)
+    for a, r in zip(ours, ref):
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+    assert ours[2].is_contiguous(memory_format=cl)
+
+
+def test_shifted_weight_grad_in_bfloat16_sums_chunks_in_float32(monkeypatch):
+    """bfloat16 inputs over many chunks: within bfloat16 rounding of the float64 gradient (each chunk's product
+    rounds once; the chunks are summed in float32)."""
+    monkeypatch.setattr(tap_conv, "SHIFT_CHUNK_ELEMENTS", 64)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 8, 12, 12, generator=g, dtype=torch.float64)
+    dy = torch.randn(4, 6, 12, 12, generator=g, dtype=torch.float64)
+    truth = tap_conv.shifted_weight_grad(dy, x, (3, 3), (1, 1), (1, 1))
+    low = tap_conv.shifted_weight_grad(dy.bfloat16(), x.bfloat16(), (3, 3), (1, 1), (1, 1))
+    assert low.dtype == torch.bfloat16
+    assert ((low.double() - truth).norm() / truth.norm()).item() < 1e-2
+
+
+def test_only_large_stride_one_channels_last_maps_of_many_channels_take_the_shifted_path():
+    """At the real thresholds: a 96-channel 28x28 channels_last map does; NCHW, stride 2, 95 channels or a 27x27
+    map do not (ATen's weight gradient), and neither do frozen weights."""
+    cl = torch.channels_last
+    w = torch.randn(4, 96, 3, 3, requires_grad=True)
+    big = torch.randn(1, 96, 28, 28).contiguous(memory_format=cl)
+    assert type(conv2d(big, w, padding=1).grad_fn).__name__ == TAP
+    assert type(conv2d(big.contiguous(), w, padding=1).grad_fn).__name__ == "ConvolutionBackward0"
+    assert type(conv2d(big, w, stride=2, padding=1).grad_fn).__name__ == "ConvolutionBackward0"
+    narrow = torch.randn(1, 95, 28, 28).contiguous(memory_format=cl)
+    assert type(conv2d(narrow, w[:, :95], padding=1).grad_fn).__name__ == "ConvolutionBackward0"
+    small = torch.randn(1, 96, 27, 27).contiguous(memory_format=cl)
+    assert type(conv2d(small, w, padding=1).grad_fn).__name__ == "ConvolutionBackward0"
+    assert conv2d(big, w.detach(), padding=1).grad_fn is None

@@ -13,8 +13,10 @@ patching). For one forward :class:`SparseEncoder` enters :func:`active_sites`, a
   outside the active set at that scale (backend ``"masked"``, the official approach: dense
   convolution, then re-masking, official ``pretrain/encoder.py``; the convolution is
   :func:`mim.backbones.tap_conv.conv2d`, ATen's with a GEMM weight gradient on CPU maps of up to 4x4
-  sites), or, for ``conv2d`` with backend
-  ``"spconv"``, a true sparse convolution on the active sites (:mod:`mim.backbones.spconv_backend`);
+  sites). On CPU ``channels_last`` maps with at most :data:`~mim.backbones.active_conv.MAX_ACTIVE_FRACTION`
+  of the output sites active, the same values are computed at the active sites only
+  (:mod:`mim.backbones.active_conv`: gathered patches times the weight matrix). With backend
+  ``"spconv"``, ``conv2d`` is a true sparse convolution on the active sites (:mod:`mim.backbones.spconv_backend`);
 - ``batch_norm``: mean and variance over the active sites only, reduced across ranks under DDP.
 
 Every layer keeps the invariant "zero outside the active sites", so the elementwise ops in between
@@ -33,9 +35,10 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.utils import _pair
 from torch.overrides import TorchFunctionMode
 
-from mim.backbones import tap_conv
+from mim.backbones import active_conv, tap_conv
 from mim.backbones.vit import check_model_name
 from mim.errors import ConfigError
 
@@ -187,6 +190,13 @@ def _eval_bn_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | 
     )
 
 
+def _conv_tensors(
+    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *_: Any, **__: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(input, weight, bias)`` of an ``F.conv2d`` call, passed positionally or by name."""
+    return input, weight, bias
+
+
 class _ActiveSites(TorchFunctionMode):
     """Function mode holding the active map for one forward; see the module docstring."""
 
@@ -229,7 +239,33 @@ class _ActiveSites(TorchFunctionMode):
     def _conv2d(self, func: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.conv is not None:
             return self.conv(*args, sites=self.sites, cache=self._conv_cache, **kwargs)
+        sites = self._active_conv_sites(*args, **kwargs)
+        if sites is not None:
+            input, weight, bias = _conv_tensors(*args, **kwargs)
+            return active_conv.active_conv2d(input, weight, bias, sites)
         return self._mask_nchw(tap_conv.conv2d(*args, **kwargs))
+
+    def _active_conv_sites(
+        self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: Any = 1,
+        padding: Any = 0, dilation: Any = 1, groups: int = 1,
+    ) -> active_conv.SiteIndex | None:  # fmt: skip
+        """The gather indices of this convolution (cached per forward) when it runs at the active sites only
+        (:mod:`mim.backbones.active_conv`), else ``None``."""
+        if not active_conv.takes_active_path(input, weight, padding, groups):
+            return None
+        stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+        kernel = tuple(weight.shape[-2:])
+        out = tuple(
+            (size + 2 * pad - dil * (k - 1) - 1) // s + 1
+            for size, pad, dil, k, s in zip(input.shape[-2:], padding, dilation, kernel, stride)
+        )
+        key = ("active", tuple(input.shape), kernel, stride, padding, dilation)
+        if key not in self._conv_cache:
+            self._conv_cache[key] = active_conv.site_index(
+                self.sites(out), input.shape[-2:], kernel, stride, padding, dilation, input.shape[1]
+            )
+        sites = self._conv_cache[key]
+        return sites if sites.fraction <= active_conv.MAX_ACTIVE_FRACTION else None
 
     def _channels_first(self, func: Any, *args: Any, **kwargs: Any) -> Any:
         out = func(*args, **kwargs)
@@ -371,7 +407,8 @@ class SparseEncoder(nn.Module):
     Args:
         model: a plain timm ConvNet (ResNet, ConvNeXt, ...) with features at strides 4/8/16/32;
             it is used as is and stays loadable with ``timm.create_model``.
-        backend: ``"masked"`` (dense conv + re-masking, the official simulation) or ``"spconv"``
+        backend: ``"masked"`` (dense conv + re-masking, the official simulation; on CPU ``channels_last`` maps
+            the same values computed at the active sites only, :mod:`mim.backbones.active_conv`) or ``"spconv"``
             (submanifold / strided sparse convolutions from spconv with the same weights; needs
             ``pip install 'mim-lightning[sparse]'``; no grouped or depthwise convolution).
         sync_stats: under DDP, reduce the sparse batch-norm statistics across ranks (official
