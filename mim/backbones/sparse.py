@@ -190,13 +190,6 @@ def _eval_bn_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | 
     )
 
 
-def _conv_tensors(
-    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *_: Any, **__: Any
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(input, weight, bias)`` of an ``F.conv2d`` call, passed positionally or by name."""
-    return input, weight, bias
-
-
 class _ActiveSites(TorchFunctionMode):
     """Function mode holding the active map for one forward; see the module docstring."""
 
@@ -239,33 +232,29 @@ class _ActiveSites(TorchFunctionMode):
     def _conv2d(self, func: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.conv is not None:
             return self.conv(*args, sites=self.sites, cache=self._conv_cache, **kwargs)
-        sites = self._active_conv_sites(*args, **kwargs)
-        if sites is not None:
-            input, weight, bias = _conv_tensors(*args, **kwargs)
-            return active_conv.active_conv2d(input, weight, bias, sites)
-        return self._mask_nchw(tap_conv.conv2d(*args, **kwargs))
+        out = self._active_conv(*args, **kwargs)
+        return self._mask_nchw(tap_conv.conv2d(*args, **kwargs)) if out is None else out
 
-    def _active_conv_sites(
+    def _active_conv(
         self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: Any = 1,
         padding: Any = 0, dilation: Any = 1, groups: int = 1,
-    ) -> active_conv.SiteIndex | None:  # fmt: skip
-        """The gather indices of this convolution (cached per forward) when it runs at the active sites only
-        (:mod:`mim.backbones.active_conv`), else ``None``."""
+    ) -> torch.Tensor | None:  # fmt: skip
+        """The convolution computed at the active sites only (:mod:`mim.backbones.active_conv`; its gather
+        indices cached per forward), or ``None`` where that path does not apply."""
         if not active_conv.takes_active_path(input, weight, padding, groups):
             return None
         stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
         kernel = tuple(weight.shape[-2:])
-        out = tuple(
-            (size + 2 * pad - dil * (k - 1) - 1) // s + 1
-            for size, pad, dil, k, s in zip(input.shape[-2:], padding, dilation, kernel, stride)
-        )
         key = ("active", tuple(input.shape), kernel, stride, padding, dilation)
         if key not in self._conv_cache:
+            out = tap_conv.conv_output_size(input.shape[-2:], kernel, stride, padding, dilation)
             self._conv_cache[key] = active_conv.site_index(
                 self.sites(out), input.shape[-2:], kernel, stride, padding, dilation, input.shape[1]
             )
         sites = self._conv_cache[key]
-        return sites if sites.fraction <= active_conv.MAX_ACTIVE_FRACTION else None
+        if sites.fraction > active_conv.MAX_ACTIVE_FRACTION:
+            return None
+        return active_conv.active_conv2d(input, weight, bias, sites)
 
     def _channels_first(self, func: Any, *args: Any, **kwargs: Any) -> Any:
         out = func(*args, **kwargs)

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mim.backbones.tap_conv import conv_output_size
 from mim.errors import ConfigError
 
 _INSTALL_HINT = (
@@ -173,8 +174,7 @@ def spconv_conv2d(
     kernel, stride, dilation = tuple(weight.shape[-2:]), _pair(stride), _pair(dilation)
     padding = _padding(padding, kernel, stride, dilation)
     batch, _, height, width = input.shape
-    out_h = (height + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
-    out_w = (width + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    out_h, out_w = conv_output_size((height, width), kernel, stride, padding, dilation)
     subm = stride == (1, 1) and (out_h, out_w) == (height, width)
     active_in = sites((height, width))
     indices = active_indices(active_in)

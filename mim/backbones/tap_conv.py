@@ -28,6 +28,7 @@ summation order): ``tests/test_tap_conv.py`` checks them against ATen's gradient
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -52,6 +53,13 @@ MIN_SHIFT_SITES = 28 * 28
 SHIFT_CHUNK_ELEMENTS = 1 << 22
 
 Pair = tuple[int, int]
+
+
+def conv_output_size(size: Sequence[int], kernel: Sequence[int], stride: Pair, padding: Pair, dilation: Pair) -> Pair:
+    """``(H', W')`` of ``F.conv2d`` on an ``(H, W)`` map (``size``) with these ``(h, w)`` arguments."""
+    return tuple(  # type: ignore[return-value]
+        (n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, s, p, d in zip(size, kernel, stride, padding, dilation)
+    )
 
 
 def tap_weight_grad(
@@ -218,10 +226,7 @@ def conv2d(
     if isinstance(padding, str):
         return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
-    out = [
-        (size + 2 * pad - dil * (k - 1) - 1) // s + 1
-        for size, pad, dil, k, s in zip(input.shape[-2:], padding, dilation, weight.shape[-2:], stride)
-    ]
+    out = conv_output_size(input.shape[-2:], weight.shape[-2:], stride, padding, dilation)
     shifts = input.ndim == 4 and _shifts(input, stride, out[0] * out[-1], False)
     if not _takes_tap_path(input, weight, out[0] * out[-1], groups, shifts):
         return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
@@ -274,6 +279,7 @@ __all__ = [
     "TapConv2d",
     "TapConvTranspose2d",
     "conv2d",
+    "conv_output_size",
     "conv_transpose2d",
     "shifted_weight_grad",
     "tap_weight_grad",
