@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from mim.backbones.sparse import _all_reduce_, _distributed, _eval_bn_backward, masked_batch_norm
+from mim.backbones.sparse import _all_reduce_, _distributed, _eval_bn_backward, masked_batch_norm, update_running_stats
 
 #: Columns the ``(B*H*W, C)`` rows are folded to (``C`` times a power of two, while it divides ``B*H*W``).
 FOLD_COLUMNS = 192
@@ -163,10 +163,7 @@ class SyncedBatchNorm(nn.modules.batchnorm._BatchNorm):
         out, mean, var, count = _RowsBatchNorm.apply(x.to(compute), self.weight, self.bias, self.eps, sync,
                                                      self.clamp)  # fmt: skip
         if self.track_running_stats:
-            with torch.no_grad():
-                unbiased = var * (count / (count - 1).clamp_min(1))
-                self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
-                self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+            update_running_stats(self.running_mean, self.running_var, mean, var, count, factor)
         return out.to(x.dtype)
 
     def _clamp(self, out: torch.Tensor) -> torch.Tensor:

@@ -328,10 +328,18 @@ def masked_batch_norm(
             count = sites.sum()
             if sync:
                 count = _all_reduce_(count.clone())
-            unbiased = var * (count / (count - 1).clamp_min(1))
-            running_mean.lerp_(mean.to(running_mean.dtype), factor)
-            running_var.lerp_(unbiased.to(running_var.dtype), factor)
+            update_running_stats(running_mean, running_var, mean, var, count, factor)
     return out.to(dtype)
+
+
+@torch.no_grad()
+def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                         count: torch.Tensor, factor: float) -> None:  # fmt: skip
+    """``nn.BatchNorm2d``'s running-statistics update, in place: ``running = (1 - factor) * running + factor * batch``
+    with the batch's unbiased variance ``var * count / (count - 1)`` (``var`` biased over ``count`` values)."""
+    unbiased = var * (count / (count - 1).clamp_min(1))
+    running_mean.lerp_(mean.to(running_mean.dtype), factor)
+    running_var.lerp_(unbiased.to(running_var.dtype), factor)
 
 
 @contextlib.contextmanager
@@ -467,5 +475,6 @@ __all__ = [
     "check_input",
     "create_convnet",
     "masked_batch_norm",
+    "update_running_stats",
     "upsample_active",
 ]
